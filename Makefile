@@ -1,0 +1,37 @@
+# The two set-up commands: `make demo` and `make test`. Everything installs into .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-ref bench fixtures clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/npgpt generate "ROMEO:" --max-new-tokens 300 --seed 1
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+# Also run the live reference checks against PyTorch / transformers / tiktoken.
+test-ref: $(STAMP)
+	$(BIN)/pip install -q -e ".[test,ref]"
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/pip install -q -e ".[ref]"
+	$(BIN)/python benchmarks/run.py
+
+# Regenerate the committed reference fixtures (needs torch).
+fixtures: $(STAMP)
+	$(BIN)/python tests/make_fixtures.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

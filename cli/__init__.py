@@ -1,0 +1,1 @@
+"""The npgpt command line (installed as the package `npgpt_cli`)."""

@@ -1,0 +1,162 @@
+"""The `npgpt` command line: one thin click command per library call.
+
+The library is imported inside each command, so `npgpt --help` is instant and BLAS threads can be set
+before any work starts. Errors the user can fix (npgpt.NpgptError) print one line and exit 1.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        from npgpt.errors import NpgptError
+        try:
+            return super().invoke(ctx)
+        except NpgptError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+        except BrokenPipeError:  # e.g. `npgpt generate | head`
+            sys.exit(0)
+
+
+def threads_option(f):
+    """--threads N on every command: BLAS threads for matrix products (default: all cores)."""
+    def apply(ctx, param, value):
+        from npgpt.threads import set_threads
+        set_threads(value)
+        return value
+    return click.option("--threads", type=click.IntRange(min=1), default=None, expose_value=False,
+                        callback=apply, is_eager=True, help="Threads for BLAS (default: all cores).")(f)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="npgpt")
+def cli():
+    """npgpt: train, sample and evaluate GPTs with NumPy and Numba."""
+
+
+# ---------------------------------------------------------------- data
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Data dir to write.")
+@click.option("--tokenizer", default="char", show_default=True,
+              help="char, gpt2, bpe:N (train a byte-level BPE of N tokens), or a dir holding tokenizer.json.")
+@click.option("--val-fraction", default=0.1, show_default=True, type=float, help="Tail of the tokens kept for validation.")
+@click.option("--force", is_flag=True, help="Overwrite prepared data in --out.")
+@threads_option
+def prepare(inputs, out, tokenizer, val_fraction, force):
+    """Tokenize text files into memory-mapped token files for training."""
+    from pathlib import Path
+
+    import npgpt
+    tok = tokenizer
+    if Path(tokenizer).is_dir():
+        tok = _load_tokenizer_dir(tokenizer)
+    meta = npgpt.prepare(list(inputs), out, tok, val_fraction=val_fraction, force=force)
+    click.echo(f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+               f"{meta['tokenizer']} vocabulary of {meta['vocab_size']:,} ({meta['dtype']})")
+
+
+def _load_tokenizer_dir(path):
+    import json
+    from pathlib import Path
+
+    from npgpt.tokenizer import Tokenizer
+    kind = "bpe"
+    if (Path(path) / "meta.json").is_file():  # a data dir or `npgpt tokenizer train` output
+        kind = json.loads((Path(path) / "meta.json").read_text()).get("tokenizer", kind)
+    elif (Path(path) / "config.json").is_file():  # a checkpoint dir
+        kind = (json.loads((Path(path) / "config.json").read_text()).get("tokenizer") or {}).get("kind", kind)
+    return Tokenizer.load(path, kind)
+
+
+@cli.group(cls=_Group)
+def tokenizer():
+    """Build tokenizers."""
+
+
+@tokenizer.command("train")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--vocab-size", required=True, type=click.IntRange(min=257), help="Tokens, including 256 bytes.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Dir to write tokenizer.json into.")
+@threads_option
+def tokenizer_train(inputs, vocab_size, out):
+    """Train a byte-level BPE tokenizer on text files."""
+    from pathlib import Path
+
+    from npgpt.checkpoint import atomic_write_json
+    from npgpt.data import read_text
+    from npgpt.tokenizer import Tokenizer
+    tok = Tokenizer.train_bpe([read_text(p) for p in inputs], vocab_size)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    tok.save(out)
+    atomic_write_json(Path(out) / "meta.json", {"tokenizer": "bpe", "vocab_size": tok.vocab_size})
+    click.echo(f"wrote {Path(out) / 'tokenizer.json'}: {tok.vocab_size:,} tokens")
+
+
+# ---------------------------------------------------------------- training
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Prepared data dir.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run / checkpoint dir.")
+@click.option("--preset", default=None, help="Architecture preset (default: baby).")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="JSON or TOML config file.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--force", is_flag=True, help="Overwrite an existing run in --out.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@threads_option
+@click.pass_context
+def train(ctx, data, out, preset, config_file, resume, force, quiet):
+    """Pretrain a GPT. Any config key can be overridden: --n_layer 6 --learning_rate 3e-4 ..."""
+    import npgpt
+    from npgpt.config import parse_overrides
+    overrides = parse_overrides(ctx.args)
+    model = npgpt.train(data, out, preset=preset, config_file=config_file, overrides=overrides, resume=resume,
+                        force=force, quiet=quiet)
+    if not quiet:
+        click.echo(f"saved {out} ({model.num_params:,} parameters)", err=True)
+
+
+# ---------------------------------------------------------------- sampling
+@cli.command()
+@click.argument("prompt", required=False, default=None)
+@click.option("--model", "model_dir", default=None, type=click.Path(), help="Checkpoint dir (default: the shipped model).")
+@click.option("--max-new-tokens", "-n", default=200, show_default=True, type=click.IntRange(min=0))
+@click.option("--temperature", "-t", default=0.8, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
+@click.option("--top-k", default=None, type=click.IntRange(min=1))
+@click.option("--top-p", default=None, type=click.FloatRange(min=0, max=1, min_open=True))
+@click.option("--seed", default=None, type=int)
+@click.option("--num-samples", default=1, show_default=True, type=click.IntRange(min=1))
+@threads_option
+def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, seed, num_samples):
+    """Generate text from PROMPT ('-' reads stdin; default: a newline). Tokens stream as they are made."""
+    import npgpt
+    from npgpt.assets import default_model_dir
+    from npgpt.sampling import stream_text
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if prompt is None or prompt == "":
+        prompt = "\n"
+    model = npgpt.load(model_dir or default_model_dir())
+    if model.tokenizer is None:
+        raise click.ClickException(f"{model_dir} has no tokenizer; cannot generate text")
+    for i in range(num_samples):
+        if num_samples > 1:
+            click.echo(f"--- sample {i + 1} ---")
+        click.echo(prompt, nl=False)
+        s = None if seed is None else seed + i
+        model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=s,
+                       on_token=stream_text(model))
+        click.echo()
+
+
+def main():
+    cli(prog_name="npgpt")
+
+
+if __name__ == "__main__":
+    main()

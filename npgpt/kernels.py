@@ -1,0 +1,219 @@
+"""Numba kernels behind the layers in layers.py.
+
+Each kernel does what BLAS cannot: fused row-wise reductions (layernorm, softmax, cross-entropy),
+elementwise maps (GELU), scatter-adds (embedding backward) and the AdamW update. Matrix products stay
+in BLAS (NumPy's matmul), which is 8-9x faster than a hand-written Numba GEMM here.
+
+Kernels are dtype-generic: float32 in the model, float64 in the finite-difference tests. They write
+into output arrays passed by the caller. `error_model="numpy"` drops the per-division zero check that
+blocks vectorisation; `fastmath` is left off so the gradient checks hold to float64 precision.
+"""
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+_jit = dict(cache=True, nogil=True, error_model="numpy")
+
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@nb.njit(**_jit)
+def layernorm_fwd(x, w, b, eps, out, mean, rstd):
+    """x [N, C] -> out [N, C]; saves mean [N] and rstd [N] for the backward. b may be empty (no bias)."""
+    N, C = x.shape
+    has_b = b.shape[0] > 0
+    for i in range(N):
+        m = 0.0
+        for j in range(C):
+            m += x[i, j]
+        m /= C
+        v = 0.0
+        for j in range(C):
+            d = x[i, j] - m
+            v += d * d
+        v /= C
+        r = 1.0 / math.sqrt(v + eps)
+        mean[i] = m
+        rstd[i] = r
+        for j in range(C):
+            y = (x[i, j] - m) * r * w[j]
+            out[i, j] = y + b[j] if has_b else y
+
+
+@nb.njit(**_jit)
+def layernorm_bwd(dout, x, w, mean, rstd, dx, dw, db):
+    """dx = d(layernorm)/dx^T dout (written); dw, db accumulated. db may be empty."""
+    N, C = x.shape
+    has_b = db.shape[0] > 0
+    for i in range(N):
+        m = mean[i]
+        r = rstd[i]
+        # mean of dnorm and of dnorm * xhat over the row, where dnorm = dout * w
+        s1 = 0.0
+        s2 = 0.0
+        for j in range(C):
+            xhat = (x[i, j] - m) * r
+            dn = dout[i, j] * w[j]
+            s1 += dn
+            s2 += dn * xhat
+        s1 /= C
+        s2 /= C
+        for j in range(C):
+            xhat = (x[i, j] - m) * r
+            dn = dout[i, j] * w[j]
+            dx[i, j] = (dn - s1 - xhat * s2) * r
+            dw[j] += dout[i, j] * xhat
+            if has_b:
+                db[j] += dout[i, j]
+
+
+# GELU constants are float32 literals so that float32 inputs stay in float32 arithmetic (which LLVM
+# vectorises, 5x faster than the float64 libm tanh); float64 inputs promote them and stay float64.
+_F = np.float32
+
+
+@nb.njit(**_jit)
+def _tanh(u):
+    """tanh through one exp, clamped where float32 tanh is already +-1 (keeps exp finite)."""
+    u = min(max(u, _F(-9.0)), _F(9.0))
+    e = math.exp(_F(2.0) * u)
+    return (e - _F(1.0)) / (e + _F(1.0))
+
+
+@nb.njit(**_jit)
+def gelu_fwd(x, out):
+    """tanh GELU (GPT-2's): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), over flat arrays."""
+    for i in range(x.size):
+        v = x[i]
+        t = _tanh(_F(GELU_C) * (v + _F(0.044715) * v * v * v))
+        out[i] = _F(0.5) * v * (_F(1.0) + t)
+
+
+@nb.njit(**_jit)
+def gelu_bwd(dout, x, dx):
+    """dx = gelu'(x) * dout, over flat arrays."""
+    for i in range(x.size):
+        v = x[i]
+        t = _tanh(_F(GELU_C) * (v + _F(0.044715) * v * v * v))
+        dinner = _F(GELU_C) * (_F(1.0) + _F(3.0 * 0.044715) * v * v)
+        dx[i] = dout[i] * (_F(0.5) * (_F(1.0) + t) + _F(0.5) * v * (_F(1.0) - t * t) * dinner)
+
+
+@nb.njit(**_jit)
+def causal_softmax_fwd(att, scale, q_offset):
+    """In place over scores att [B, H, Tq, Tk]: row i keeps keys j <= q_offset + i, softmax(scale * s).
+    Masked entries become exactly 0 (they are skipped, never given a finite penalty)."""
+    B, H, Tq, Tk = att.shape
+    for b in range(B):
+        for h in range(H):
+            for i in range(Tq):
+                n = min(q_offset + i + 1, Tk)
+                mx = -np.inf
+                for j in range(n):
+                    s = att[b, h, i, j] * scale
+                    att[b, h, i, j] = s
+                    if s > mx:
+                        mx = s
+                tot = 0.0
+                for j in range(n):
+                    e = math.exp(att[b, h, i, j] - mx)
+                    att[b, h, i, j] = e
+                    tot += e
+                inv = 1.0 / tot
+                for j in range(n):
+                    att[b, h, i, j] *= inv
+                for j in range(n, Tk):
+                    att[b, h, i, j] = 0.0
+
+
+@nb.njit(**_jit)
+def causal_softmax_bwd(datt, att, scale, q_offset):
+    """In place: datt (grad wrt probabilities) becomes the grad wrt the raw scores s (before scale)."""
+    B, H, Tq, Tk = att.shape
+    for b in range(B):
+        for h in range(H):
+            for i in range(Tq):
+                n = min(q_offset + i + 1, Tk)
+                dot = 0.0
+                for j in range(n):
+                    dot += att[b, h, i, j] * datt[b, h, i, j]
+                for j in range(n):
+                    datt[b, h, i, j] = att[b, h, i, j] * (datt[b, h, i, j] - dot) * scale
+                for j in range(n, Tk):
+                    datt[b, h, i, j] = 0.0
+
+
+@nb.njit(**_jit)
+def xent_fwd(logits, targets, losses):
+    """Per-row cross-entropy of logits [N, V] with targets [N]; rows with target < 0 get loss 0."""
+    N, V = logits.shape
+    for i in range(N):
+        t = targets[i]
+        if t < 0:
+            losses[i] = 0.0
+            continue
+        mx = -np.inf
+        for j in range(V):
+            if logits[i, j] > mx:
+                mx = logits[i, j]
+        s = 0.0
+        for j in range(V):
+            s += math.exp(logits[i, j] - mx)
+        losses[i] = math.log(s) + mx - logits[i, t]
+
+
+@nb.njit(**_jit)
+def xent_bwd(logits, targets, scale, dlogits):
+    """dlogits = scale * (softmax(logits) - onehot(targets)); zero rows where target < 0."""
+    N, V = logits.shape
+    for i in range(N):
+        t = targets[i]
+        if t < 0:
+            for j in range(V):
+                dlogits[i, j] = 0.0
+            continue
+        mx = -np.inf
+        for j in range(V):
+            if logits[i, j] > mx:
+                mx = logits[i, j]
+        s = 0.0
+        for j in range(V):
+            e = math.exp(logits[i, j] - mx)
+            dlogits[i, j] = e
+            s += e
+        inv = scale / s
+        for j in range(V):
+            dlogits[i, j] *= inv
+        dlogits[i, t] -= scale
+
+
+@nb.njit(**_jit)
+def embedding_bwd(dout, idx, pos0, dwte, dwpe):
+    """Scatter-add dout [B, T, C] into the rows of dwte picked by idx [B, T] and into dwpe[pos0 + t]."""
+    B, T, C = dout.shape
+    for b in range(B):
+        for t in range(T):
+            r = idx[b, t]
+            for c in range(C):
+                g = dout[b, t, c]
+                dwte[r, c] += g
+                dwpe[pos0 + t, c] += g
+
+
+@nb.njit(**_jit)
+def adamw_step(p, g, m, v, decay, lr, beta1, beta2, eps, weight_decay, gscale, bc1, bc2):
+    """One AdamW update over flat buffers. g is multiplied by gscale (global-norm clipping) on the fly;
+    weight decay is decoupled and applied where decay[i] == 1."""
+    for i in range(p.size):
+        gi = g[i] * gscale
+        mi = beta1 * m[i] + (1.0 - beta1) * gi
+        vi = beta2 * v[i] + (1.0 - beta2) * gi * gi
+        m[i] = mi
+        v[i] = vi
+        upd = (mi / bc1) / (math.sqrt(vi / bc2) + eps)
+        if decay[i]:
+            upd += weight_decay * p[i]
+        p[i] -= lr * upd

@@ -1,0 +1,165 @@
+"""Forward/backward pairs for every layer of a GPT, side by side.
+
+Conventions (as llm.c):
+- a forward returns its output plus whatever its backward needs (a "cache"), nothing more;
+- a backward takes the upstream gradient and returns the gradient of the layer input, and *adds into*
+  the parameter-gradient buffers it is given, so weight tying and gradient accumulation need no extra code;
+- shapes: B batch, T time, C channels, H heads, D = C / H head size, V vocabulary, N = B * T rows.
+All functions follow the dtype of their inputs (float32 in the model, float64 in gradient checks).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import kernels as K
+
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+
+
+def _empty(dtype):
+    return _EMPTY[np.dtype(dtype)]
+
+
+# ---------------------------------------------------------------- token + position embedding
+def embedding_forward(idx, wte, wpe, pos0=0):
+    """idx [B, T] int, wte [V, C], wpe [block, C] -> x [B, T, C] = wte[idx] + wpe[pos0 : pos0 + T]."""
+    T = idx.shape[1]
+    return wte[idx] + wpe[pos0:pos0 + T]
+
+
+def embedding_backward(dout, idx, dwte, dwpe, pos0=0):
+    """dout [B, T, C]: scatter-adds into dwte [V, C] and dwpe [block, C]. Token ids are the input: no dx."""
+    K.embedding_bwd(np.ascontiguousarray(dout), idx.astype(np.int64, copy=False), pos0, dwte, dwpe)
+
+
+# ---------------------------------------------------------------- layernorm
+def layernorm_forward(x, w, b, eps):
+    """x [..., C] -> (out [..., C], cache). Biased variance, as GPT-2. b may be None."""
+    shape = x.shape
+    x2 = np.ascontiguousarray(x).reshape(-1, shape[-1])
+    out = np.empty_like(x2)
+    mean = np.empty(x2.shape[0], x.dtype)
+    rstd = np.empty(x2.shape[0], x.dtype)
+    K.layernorm_fwd(x2, w, b if b is not None else _empty(x.dtype), eps, out, mean, rstd)
+    return out.reshape(shape), (x2, mean, rstd)
+
+
+def layernorm_backward(dout, cache, w, dw, db):
+    """dout [..., C] -> dx [..., C]; accumulates dw [C] and db [C] (db None when there is no bias)."""
+    x2, mean, rstd = cache
+    d2 = np.ascontiguousarray(dout).reshape(x2.shape)
+    dx = np.empty_like(x2)
+    K.layernorm_bwd(d2, x2, w, mean, rstd, dx, dw, db if db is not None else _empty(x2.dtype))
+    return dx.reshape(dout.shape)
+
+
+# ---------------------------------------------------------------- linear (HF Conv1D layout: w is [in, out])
+def linear_forward(x, w, b):
+    """x [..., in] @ w [in, out] + b [out] -> [..., out]. b may be None."""
+    out = x @ w
+    if b is not None:
+        out += b
+    return out
+
+
+def linear_backward(dout, x, w, dw, db):
+    """dout [..., out] -> dx [..., in]; accumulates dw += x^T dout and db += sum(dout)."""
+    d2 = dout.reshape(-1, dout.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    dw += x2.T @ d2
+    if db is not None:
+        db += d2.sum(axis=0)
+    return dout @ w.T
+
+
+# ---------------------------------------------------------------- GELU (tanh approximation, as GPT-2)
+def gelu_forward(x):
+    """x [...] -> gelu(x) [...]."""
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    K.gelu_fwd(x.reshape(-1), out.reshape(-1))
+    return out
+
+
+def gelu_backward(dout, x):
+    """dout [...] -> dx [...] (x is the forward's input)."""
+    dout = np.ascontiguousarray(dout)
+    dx = np.empty_like(x)
+    K.gelu_bwd(dout.reshape(-1), x.reshape(-1), dx.reshape(-1))
+    return dx
+
+
+# ---------------------------------------------------------------- dropout
+def dropout_forward(x, p, rng):
+    """Inverted dropout: keeps each element with probability 1 - p and scales it by 1 / (1 - p).
+    Returns (out, mask); mask is None (identity) when p == 0 or rng is None (evaluation)."""
+    if p == 0.0 or rng is None:
+        return x, None
+    mask = (rng.random(x.shape, dtype=np.float32) >= p).astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
+    return x * mask, mask
+
+
+def dropout_backward(dout, mask):
+    return dout if mask is None else dout * mask
+
+
+# ---------------------------------------------------------------- causal multi-head self-attention
+def split_heads(qkv, n_head):
+    """qkv [B, T, 3C] -> q, k, v each [B, H, T, D]."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    x = qkv.reshape(B, T, 3, n_head, C // n_head).transpose(2, 0, 3, 1, 4)
+    return x[0], x[1], x[2]
+
+
+def merge_heads(y):
+    """y [B, H, T, D] -> [B, T, H * D]."""
+    B, H, T, D = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+
+def attention_forward(q, k, v, q_offset=0, dropout=0.0, rng=None):
+    """Causal scaled dot-product attention.
+
+    q [B, H, Tq, D] are positions q_offset .. q_offset + Tq - 1; k, v [B, H, Tk, D] are positions 0 .. Tk - 1
+    (Tk = q_offset + Tq; q_offset > 0 when keys come from a KV cache). Query i sees keys j <= q_offset + i.
+    Returns y [B, H, Tq, D] and the cache (att probabilities [B, H, Tq, Tk], dropout mask).
+    """
+    scale = 1.0 / np.sqrt(q.shape[-1])  # a Python float: keeps float32 arrays float32 in numba
+    att = np.ascontiguousarray(q @ k.swapaxes(-1, -2))
+    K.causal_softmax_fwd(att, float(scale), q_offset)
+    att_d, mask = dropout_forward(att, dropout, rng)
+    return att_d @ v, (att, mask, float(scale), q_offset)
+
+
+def attention_backward(dy, q, k, v, cache):
+    """dy [B, H, Tq, D] -> dq [B, H, Tq, D], dk, dv [B, H, Tk, D]."""
+    att, mask, scale, q_offset = cache
+    att_d = att if mask is None else att * mask
+    dv = att_d.swapaxes(-1, -2) @ dy
+    datt = np.ascontiguousarray(dropout_backward(dy @ v.swapaxes(-1, -2), mask))
+    K.causal_softmax_bwd(datt, att, scale, q_offset)  # datt is now d(loss)/d(q k^T)
+    dq = datt @ k
+    dk = datt.swapaxes(-1, -2) @ q
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------- softmax cross-entropy
+def cross_entropy_forward(logits, targets):
+    """logits [N, V], targets [N] int (< 0 = ignore) -> mean loss over kept rows (a Python float)."""
+    logits = np.ascontiguousarray(logits)
+    losses = np.empty(logits.shape[0], logits.dtype)
+    targets = targets.astype(np.int64, copy=False)
+    K.xent_fwd(logits, targets, losses)
+    n = int((targets >= 0).sum())
+    return float(losses.sum(dtype=np.float64) / max(n, 1))
+
+
+def cross_entropy_backward(logits, targets, dloss=1.0):
+    """-> dlogits [N, V] = dloss * (softmax(logits) - onehot(targets)) / n_kept; ignored rows are 0."""
+    logits = np.ascontiguousarray(logits)
+    targets = targets.astype(np.int64, copy=False)
+    n = int((targets >= 0).sum())
+    dlogits = np.empty_like(logits)
+    K.xent_bwd(logits, targets, dloss / max(n, 1), dlogits)
+    return dlogits

@@ -1,0 +1,227 @@
+"""The GPT: forward (with an optional KV cache), loss, and the hand-written backward through every layer.
+
+Pre-LN block (GPT-2/3):  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x));  final ln_f
+Post-LN block (GPT-1):   x = ln_1(x + attn(x));  x = ln_2(x + mlp(x));  no final LN
+The LM head is tied to the token embedding: logits = x @ wte^T.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import GPTConfig
+from .errors import NpgptError
+from .layers import (attention_backward, attention_forward, cross_entropy_backward, cross_entropy_forward,
+                     dropout_backward, dropout_forward, embedding_backward, embedding_forward, gelu_backward,
+                     gelu_forward, layernorm_backward, layernorm_forward, linear_backward, linear_forward,
+                     merge_heads, split_heads)
+from .params import init_params, make_views, param_shapes
+
+
+class KVCache:
+    """Keys and values of every layer for positions 0 .. length - 1: k, v [L, B, H, block, D]."""
+
+    def __init__(self, cfg: GPTConfig, batch: int, dtype=np.float32):
+        shape = (cfg.n_layer, batch, cfg.n_head, cfg.block_size, cfg.head_dim)
+        self.k = np.zeros(shape, dtype)
+        self.v = np.zeros(shape, dtype)
+        self.length = 0
+
+    def extend(self, layer, k, v):
+        """Store k, v [B, H, T, D] at the next T positions; return all keys and values so far."""
+        t0, t1 = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, t0:t1] = k
+        self.v[layer, :, :, t0:t1] = v
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+
+class GPT:
+    """A GPT whose parameters live in one flat buffer (`flat`) with named views (`params`).
+
+    `forward(idx)` gives logits; `loss(idx, targets, train=...)` keeps the activations that `backward()`
+    needs; `backward()` adds d(loss)/d(params) into the flat `grad` buffer (views in `grads`).
+    """
+
+    def __init__(self, config: GPTConfig, flat: np.ndarray | None = None, *, seed: int = 0,
+                 dtype=np.float32, tokenizer=None):
+        self.config = config.validate()
+        self.shapes = param_shapes(config)
+        if flat is None:
+            flat = init_params(config, seed=seed, dtype=dtype)
+        n = sum(int(np.prod(s)) for _, s in self.shapes)
+        if flat.ndim != 1 or flat.size != n:
+            raise NpgptError(f"parameter buffer has {flat.size} values, config needs {n}")
+        self.flat = flat
+        self.params = make_views(flat, self.shapes)
+        self.grad = None
+        self.grads = None
+        self.tokenizer = tokenizer
+        self._saved = None
+
+    @property
+    def num_params(self) -> int:
+        return self.flat.size
+
+    def zero_grad(self):
+        if self.grad is None:
+            self.grad = np.zeros_like(self.flat)
+            self.grads = make_views(self.grad, self.shapes)
+        else:
+            self.grad.fill(0)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, idx, kv: KVCache | None = None, last_only: bool = False):
+        """idx [B, T] token ids -> logits [B, T, V] (or [B, 1, V] with last_only). No state is kept for
+        a backward. With a KV cache, idx continues the cached sequence and the cache is extended."""
+        idx = self._check_idx(idx, kv)
+        x = self._body(idx, kv=kv)
+        if last_only:
+            x = x[:, -1:]
+        return x @ self.params["wte.weight"].T
+
+    def loss(self, idx, targets, *, train: bool = False, rng: np.random.Generator | None = None) -> float:
+        """Mean cross-entropy of next-token prediction. idx, targets [B, T] (targets < 0 are ignored).
+        train=True enables dropout (drawn from rng). The activations are kept for `backward()`."""
+        idx = self._check_idx(idx, None)
+        targets = np.asarray(targets)
+        acts = {"idx": idx, "layers": [], "rng": rng if train else None}
+        xf = self._body(idx, acts=acts)
+        logits = xf @ self.params["wte.weight"].T
+        N = idx.size
+        loss = cross_entropy_forward(logits.reshape(N, -1), targets.reshape(N))
+        acts.update(xf=xf, logits=logits, targets=targets)
+        self._saved = acts
+        return loss
+
+    def _check_idx(self, idx, kv):
+        idx = np.asarray(idx)
+        if idx.ndim == 1:
+            idx = idx[None]
+        if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
+            raise NpgptError(f"token ids must be an integer array [B, T], got {idx.dtype} {idx.shape}")
+        start = kv.length if kv is not None else 0
+        if start + idx.shape[1] > self.config.block_size:
+            raise NpgptError(f"sequence of {start + idx.shape[1]} tokens exceeds the context of "
+                             f"{self.config.block_size}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise NpgptError(f"token id out of range [0, {self.config.vocab_size})")
+        return idx.astype(np.int64, copy=False)
+
+    def _body(self, idx, kv: KVCache | None = None, acts: dict | None = None):
+        """Embeddings and all blocks (and ln_f for pre-LN): idx [B, T] -> hidden states [B, T, C].
+        When `acts` is a dict, every activation the backward needs is stored in it."""
+        cfg, p = self.config, self.params
+        eps, pdrop = cfg.layer_norm_eps, cfg.dropout
+        rng = acts["rng"] if acts is not None else None
+        pos0 = kv.length if kv is not None else 0
+        x = embedding_forward(idx, p["wte.weight"], p["wpe.weight"], pos0)
+        x, acts_emb_mask = dropout_forward(x, pdrop, rng)
+        pre = cfg.ln == "pre"
+        for l in range(cfg.n_layer):
+            w = lambda name: p.get(f"h.{l}.{name}")  # noqa: E731  (None for absent biases)
+            a = {"x": x}
+            # attention sublayer
+            h = x
+            if pre:
+                h, a["ln_1"] = layernorm_forward(x, w("ln_1.weight"), w("ln_1.bias"), eps)
+            a["attn_in"] = h
+            qkv = linear_forward(h, w("attn.c_attn.weight"), w("attn.c_attn.bias"))
+            q, k, v = split_heads(qkv, cfg.n_head)
+            if kv is not None:
+                k, v = kv.extend(l, k, v)
+            y, a["att"] = attention_forward(q, k, v, pos0, pdrop, rng)
+            a["q"], a["k"], a["v"] = q, k, v
+            a["y"] = y = merge_heads(y)
+            out, a["drop_1"] = dropout_forward(
+                linear_forward(y, w("attn.c_proj.weight"), w("attn.c_proj.bias")), pdrop, rng)
+            x = x + out
+            if not pre:
+                a["s_1"] = x
+                x, a["ln_1"] = layernorm_forward(x, w("ln_1.weight"), w("ln_1.bias"), eps)
+            a["x_mid"] = x
+            # MLP sublayer
+            h = x
+            if pre:
+                h, a["ln_2"] = layernorm_forward(x, w("ln_2.weight"), w("ln_2.bias"), eps)
+            a["mlp_in"] = h
+            a["fc"] = f = linear_forward(h, w("mlp.c_fc.weight"), w("mlp.c_fc.bias"))
+            a["gelu"] = g = gelu_forward(f)
+            out, a["drop_2"] = dropout_forward(
+                linear_forward(g, w("mlp.c_proj.weight"), w("mlp.c_proj.bias")), pdrop, rng)
+            x = x + out
+            if not pre:
+                a["s_2"] = x
+                x, a["ln_2"] = layernorm_forward(x, w("ln_2.weight"), w("ln_2.bias"), eps)
+            if acts is not None:
+                acts["layers"].append(a)
+        if kv is not None:
+            kv.length += idx.shape[1]
+        if pre:
+            x, ln_f = layernorm_forward(x, p["ln_f.weight"], p.get("ln_f.bias"), eps)
+            if acts is not None:
+                acts["ln_f"] = ln_f
+        if acts is not None:
+            acts["emb_mask"] = acts_emb_mask
+        return x
+
+    # ------------------------------------------------------------------ backward
+    def backward(self, dloss: float = 1.0):
+        """Add dloss * d(loss)/d(params) of the last `loss()` call into self.grad (call zero_grad first).
+        Use dloss = 1/k for k accumulated micro-batches."""
+        acts = self._saved
+        if acts is None:
+            raise RuntimeError("backward() needs a preceding loss() call")
+        if self.grad is None:
+            self.zero_grad()
+        cfg, p, g = self.config, self.params, self.grads
+        eps = cfg.layer_norm_eps
+        pre = cfg.ln == "pre"
+        B, T = acts["idx"].shape
+        N = B * T
+        wte = p["wte.weight"]
+        # tied LM head: logits = xf @ wte^T
+        dlogits = cross_entropy_backward(acts["logits"].reshape(N, -1), acts["targets"].reshape(N), dloss)
+        xf = acts["xf"].reshape(N, -1)
+        g["wte.weight"] += dlogits.T @ xf
+        dx = (dlogits @ wte).reshape(B, T, -1)
+        del dlogits
+        if pre:
+            dx = layernorm_backward(dx, acts["ln_f"], p["ln_f.weight"], g["ln_f.weight"], g.get("ln_f.bias"))
+        for l in reversed(range(cfg.n_layer)):
+            a = acts["layers"][l]
+            w = lambda name: p.get(f"h.{l}.{name}")  # noqa: E731
+            dw = lambda name: g.get(f"h.{l}.{name}")  # noqa: E731
+            # MLP sublayer
+            if not pre:
+                dx = layernorm_backward(dx, a["ln_2"], w("ln_2.weight"), dw("ln_2.weight"), dw("ln_2.bias"))
+            dout = dropout_backward(dx, a["drop_2"])
+            dg = linear_backward(dout, a["gelu"], w("mlp.c_proj.weight"), dw("mlp.c_proj.weight"),
+                                 dw("mlp.c_proj.bias"))
+            df = gelu_backward(dg, a["fc"])
+            dh = linear_backward(df, a["mlp_in"], w("mlp.c_fc.weight"), dw("mlp.c_fc.weight"), dw("mlp.c_fc.bias"))
+            if pre:
+                dh = layernorm_backward(dh, a["ln_2"], w("ln_2.weight"), dw("ln_2.weight"), dw("ln_2.bias"))
+            dx = dx + dh  # the residual branch and the MLP branch both feed x_mid
+            # attention sublayer
+            if not pre:
+                dx = layernorm_backward(dx, a["ln_1"], w("ln_1.weight"), dw("ln_1.weight"), dw("ln_1.bias"))
+            dout = dropout_backward(dx, a["drop_1"])
+            dy = linear_backward(dout, a["y"], w("attn.c_proj.weight"), dw("attn.c_proj.weight"),
+                                 dw("attn.c_proj.bias"))
+            H = cfg.n_head
+            dy = dy.reshape(B, T, H, -1).transpose(0, 2, 1, 3)
+            dq, dk, dv = attention_backward(dy, a["q"], a["k"], a["v"], a["att"])
+            dqkv = np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, T, -1)
+            dh = linear_backward(dqkv, a["attn_in"], w("attn.c_attn.weight"), dw("attn.c_attn.weight"),
+                                 dw("attn.c_attn.bias"))
+            if pre:
+                dh = layernorm_backward(dh, a["ln_1"], w("ln_1.weight"), dw("ln_1.weight"), dw("ln_1.bias"))
+            dx = dx + dh
+        dx = dropout_backward(dx, acts["emb_mask"])
+        embedding_backward(dx, acts["idx"], g["wte.weight"], g["wpe.weight"])
+        self._saved = None
+
+    # ------------------------------------------------------------------ convenience
+    def generate(self, prompt, max_new_tokens: int = 100, **kwargs):
+        """Sample continuations; see npgpt.sampling.generate for the arguments."""
+        from .sampling import generate
+        return generate(self, prompt, max_new_tokens, **kwargs)

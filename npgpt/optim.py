@@ -1,0 +1,53 @@
+"""AdamW over the flat parameter buffer, global-norm clipping, and the warmup + cosine schedule."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import kernels as K
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup: int, decay_iters: int) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warmup over `warmup` steps to `lr`, then
+    cosine decay to `min_lr` at `decay_iters`, then flat at `min_lr`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if step >= decay_iters:
+        return min_lr
+    ratio = (step - warmup) / max(1, decay_iters - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def grad_norm(grad: np.ndarray) -> float:
+    """Global L2 norm of a flat gradient."""
+    return math.sqrt(float(np.dot(grad, grad)))
+
+
+class AdamW:
+    """Decoupled-weight-decay Adam over flat buffers (GPT-3 defaults: betas 0.9/0.95, eps 1e-8).
+
+    `decay` is a uint8 mask over the flat buffer: 1 where weight decay applies (2-D weights only).
+    State (m, v, t) is plain arrays and an int, saved with every training checkpoint.
+    """
+
+    def __init__(self, params: np.ndarray, decay: np.ndarray, *, weight_decay=0.1, beta1=0.9, beta2=0.95,
+                 eps=1e-8):
+        self.params = params
+        self.decay = decay
+        self.weight_decay, self.beta1, self.beta2, self.eps = weight_decay, beta1, beta2, eps
+        self.m = np.zeros_like(params)
+        self.v = np.zeros_like(params)
+        self.t = 0
+
+    def step(self, grad: np.ndarray, lr: float, clip: float = 0.0) -> float:
+        """Apply one update from `grad`; clip it to global norm `clip` first (0 = off). Returns the norm
+        before clipping."""
+        norm = grad_norm(grad)
+        gscale = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0  # as torch's clip_grad_norm_
+        self.t += 1
+        bc1 = 1.0 - self.beta1 ** self.t
+        bc2 = 1.0 - self.beta2 ** self.t
+        K.adamw_step(self.params, grad, self.m, self.v, self.decay, lr, self.beta1, self.beta2, self.eps,
+                     self.weight_decay, gscale, bc1, bc2)
+        return norm

@@ -1,0 +1,140 @@
+"""Tokenizers on the `tokenizers` library: character-level, byte-level BPE trained on your corpus, and
+GPT-2's own BPE (vocab.json + merges.txt). Every kind is saved as one `tokenizer.json` that travels
+inside the checkpoint dir, next to `config.json` which records the kind.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+from .errors import NpgptError
+
+EOT = "<|endoftext|>"
+KINDS = ("char", "bpe", "gpt2")
+
+
+class Tokenizer:
+    """text <-> token ids. `kind` is "char", "bpe" or "gpt2"; `eot_id` is the id of <|endoftext|> or None."""
+
+    def __init__(self, tk: tokenizers.Tokenizer, kind: str):
+        if kind not in KINDS:
+            raise NpgptError(f"unknown tokenizer kind {kind!r}")
+        self.tk = tk
+        self.kind = kind
+        self.eot_id = tk.token_to_id(EOT)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """str -> list of ids. Characters a char-level vocabulary lacks raise NpgptError."""
+        if self.kind == "char":
+            vocab = self.tk.get_vocab()
+            missing = sorted(set(text) - vocab.keys())
+            if missing:
+                shown = ", ".join(repr(c) for c in missing[:5])
+                raise NpgptError(f"text has characters the model's vocabulary lacks: {shown}")
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_corpus(self, text: str, chunk_chars: int = 1 << 20) -> list[int]:
+        """Encode a large text in parallel chunks. Chunks are cut after a newline that is followed by a
+        non-space character, where the GPT-2 pre-tokenizer would cut anyway, so ids equal encode(text)."""
+        pieces, start = [], 0
+        cut = re.compile(r"\n(?=\S)")
+        while start < len(text):
+            end = min(start + chunk_chars, len(text))
+            if end < len(text):
+                m = cut.search(text, end)
+                end = m.end() if m else len(text)
+            pieces.append(text[start:end])
+            start = end
+        if self.kind == "char":
+            missing = sorted(set(text) - self.tk.get_vocab().keys())
+            if missing:
+                raise NpgptError(f"text has characters the vocabulary lacks: {', '.join(map(repr, missing[:5]))}")
+        out: list[int] = []
+        for enc in self.tk.encode_batch(pieces, add_special_tokens=False):
+            out.extend(enc.ids)
+        return out
+
+    def decode(self, ids) -> str:
+        """ids -> str. Byte-level tokens that split a multi-byte character decode to U+FFFD, never crash."""
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    # ------------------------------------------------------------------ files
+    def save(self, directory: str | Path) -> Path:
+        from .checkpoint import atomic_write_bytes
+        path = Path(directory) / "tokenizer.json"
+        atomic_write_bytes(path, self.tk.to_str().encode())
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path, kind: str) -> "Tokenizer":
+        path = Path(directory) / "tokenizer.json"
+        try:
+            tk = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception on any parse problem
+            raise NpgptError(f"cannot read tokenizer {path}: {e}") from None
+        return cls(tk, kind)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def train_char(cls, texts) -> "Tokenizer":
+        """One token per distinct character of `texts`, ids in sorted character order (as nanoGPT)."""
+        chars = sorted(set().union(*(set(t) for t in texts)))
+        if not chars:
+            raise NpgptError("cannot build a character vocabulary from empty text")
+        tk = tokenizers.Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="\ufffe"))
+        tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tk.decoder = decoders.Fuse()
+        return cls(tk, "char")
+
+    @classmethod
+    def train_bpe(cls, texts, vocab_size: int) -> "Tokenizer":
+        """Byte-level BPE (GPT-2's pre-tokenizer and byte alphabet) with `vocab_size` tokens including
+        the 256 byte tokens and <|endoftext|>."""
+        if vocab_size < 257:
+            raise NpgptError(f"a byte-level BPE needs vocab_size >= 257, got {vocab_size}")
+        tk = tokenizers.Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tk.train_from_iterator(texts, trainer=trainer)
+        return cls(tk, "bpe")
+
+    @classmethod
+    def gpt2(cls, directory: str | Path | None = None) -> "Tokenizer":
+        """GPT-2's tokenizer from vocab.json + merges.txt (default: the copy shipped in weights/gpt2)."""
+        from .assets import weights_dir
+        d = Path(directory) if directory else weights_dir() / "gpt2"
+        vocab, merges = d / "vocab.json", d / "merges.txt"
+        for f in (vocab, merges):
+            if not f.is_file():
+                raise NpgptError(f"GPT-2 tokenizer file missing: {f}")
+        try:
+            tk = tokenizers.Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        except Exception as e:
+            raise NpgptError(f"cannot read GPT-2 tokenizer files in {d}: {e}") from None
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        if EOT in json.loads(vocab.read_text()):
+            tk.add_special_tokens([EOT])
+        return cls(tk, "gpt2")
+
+
+def make_tokenizer(spec: str, texts) -> Tokenizer:
+    """Build a tokenizer from a spec: "char", "gpt2" or "bpe:N" (train a byte-level BPE of N tokens)."""
+    if spec == "char":
+        return Tokenizer.train_char(texts)
+    if spec == "gpt2":
+        return Tokenizer.gpt2()
+    m = re.fullmatch(r"bpe:(\d+)", spec)
+    if m:
+        return Tokenizer.train_bpe(texts, int(m.group(1)))
+    raise NpgptError(f"unknown tokenizer {spec!r}; use char, gpt2 or bpe:N")

@@ -1,0 +1,232 @@
+"""Pretraining: the loop that `npgpt train` runs, as a library function.
+
+One step = `grad_accum` micro-batches of `batch_size` windows, gradients summed with weight 1/k (equal to
+one batch k times the size), global-norm clipping, AdamW with warmup + cosine decay. Every `eval_interval`
+steps the train and val loss are estimated on fixed batches; checkpoints are written atomically. A run
+resumes exactly: the checkpoint carries the step, Adam's state and the RNG state that draws batches and
+dropout, so an interrupted and resumed run makes the same updates as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import atomic_open, load_model, read_config, save_checkpoint
+from .config import TrainConfig, config_from_dict, load_config_file, resolve_config
+from .data import TokenData
+from .errors import NpgptError
+from .model import GPT
+from .optim import AdamW, lr_at
+from .params import decay_mask
+from .threads import thread_info
+
+
+def estimate_loss(model: GPT, data: TokenData, split: str, iters: int, batch_size: int, seed: int) -> float:
+    """Mean loss over `iters` fixed batches (seeded, so every evaluation sees the same windows)."""
+    rng = np.random.default_rng([seed, 1 if split == "val" else 0])
+    T = model.config.block_size
+    losses = [model.loss(*data.batch(split, batch_size, T, rng)) for _ in range(iters)]
+    model._saved = None
+    return float(np.mean(losses))
+
+
+def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | None = None,
+          overrides: dict | None = None, resume: bool = False, force: bool = False, quiet: bool = False,
+          stream=None) -> GPT:
+    """Train a GPT on a prepared data dir and write checkpoints to `out_dir`; returns the final model.
+
+    Config precedence: preset < config_file < overrides (keys of GPTConfig or TrainConfig). With
+    resume=True the run continues from `out_dir` with its saved configs (overrides may change training
+    settings such as max_iters). An existing run in `out_dir` is refused unless resume or force.
+    """
+    stream = stream or sys.stderr
+    out = Path(out_dir)
+    data = TokenData(data_dir)
+    file_values = load_config_file(config_file) if config_file else {}
+    if resume:
+        if not (out / "state.json").is_file():
+            raise NpgptError(f"nothing to resume in {out} (no state.json)")
+        saved = read_config(out)
+        base_model = config_from_dict(saved["model"])
+        base_train = TrainConfig(**saved.get("train", {}))
+        mcfg, tcfg = resolve_config(None, file_values, overrides, base=base_model, train_base=base_train)
+        if mcfg != base_model:
+            raise NpgptError("cannot change the model's architecture when resuming")
+    else:
+        if (out / "state.json").exists() or (out / "model.safetensors").exists():
+            if not force:
+                raise NpgptError(f"{out} already holds a run; use --resume to continue it or --force to "
+                                 f"overwrite it")
+        mcfg, tcfg = resolve_config(preset or "baby", file_values, overrides)
+        mcfg = dataclasses.replace(mcfg, vocab_size=data.vocab_size).validate()
+    if data.vocab_size > mcfg.vocab_size:
+        raise NpgptError(f"data has {data.vocab_size} tokens, the model's vocabulary only {mcfg.vocab_size}")
+
+    T, B, k = mcfg.block_size, tcfg.batch_size, tcfg.grad_accum
+    decay_iters = tcfg.lr_decay_iters or tcfg.max_iters
+    ckpt_every = tcfg.ckpt_interval or tcfg.eval_interval
+    if resume:
+        model = load_model(out, mmap=False)
+        state = json.loads((out / "state.json").read_text())
+        opt = AdamW(model.flat, decay_mask(mcfg), weight_decay=tcfg.weight_decay, beta1=tcfg.beta1,
+                    beta2=tcfg.beta2, eps=tcfg.eps)
+        _load_optimizer(out, opt, state["step"])
+        step = state["step"]
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["rng"]
+        best_val, elapsed = state.get("best_val_loss", math.inf), state.get("elapsed", 0.0)
+        _truncate_metrics(out / "metrics.jsonl", step)
+    else:
+        model = GPT(mcfg, seed=tcfg.seed, tokenizer=data.tokenizer)
+        opt = AdamW(model.flat, decay_mask(mcfg), weight_decay=tcfg.weight_decay, beta1=tcfg.beta1,
+                    beta2=tcfg.beta2, eps=tcfg.eps)
+        step, best_val, elapsed = 0, math.inf, 0.0
+        rng = np.random.default_rng(tcfg.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_open(out / "metrics.jsonl"):
+            pass
+    model.tokenizer = data.tokenizer
+    provenance = {"data": str(data.dir), "tokenizer": data.tokenizer.kind, "created_by": "npgpt train"}
+
+    th = thread_info()
+    if not quiet:
+        print(f"npgpt train: {model.num_params:,} parameters, {mcfg.n_layer} layers x {mcfg.n_embd} wide, "
+              f"context {T}; batch {B} x {k} micro-batches; threads: BLAS {th['blas']}, Numba {th['numba']} "
+              f"({th['cores']} cores)", file=stream)
+        if resume:
+            print(f"resuming from step {step}", file=stream)
+
+    metrics = open(out / "metrics.jsonl", "a")
+
+    def log(rec):
+        metrics.write(json.dumps(rec) + "\n")
+        metrics.flush()
+
+    def evaluate():
+        tl = estimate_loss(model, data, "train", tcfg.eval_iters, B, tcfg.seed)
+        vl = estimate_loss(model, data, "val", tcfg.eval_iters, B, tcfg.seed) if data.sizes["val"] > T else math.nan
+        log({"step": step, "train_loss": tl, "val_loss": vl})
+        return tl, vl
+
+    def checkpoint():
+        state = {"step": step, "rng": rng.bit_generator.state, "best_val_loss": best_val, "elapsed": elapsed,
+                 "tokens_seen": step * B * k * T}
+        save_checkpoint(out, model, train_config=tcfg, optimizer=opt, state=state, provenance=provenance)
+        _plot(out)
+
+    bar = _Progress(tcfg.max_iters, step, stream, quiet)
+    try:
+        if step == 0:
+            tl, vl = evaluate()
+            bar.message(f"step 0: train loss {tl:.4f}, val loss {vl:.4f}")
+        t_last = time.perf_counter()
+        while step < tcfg.max_iters:
+            lr = lr_at(step, tcfg.learning_rate, tcfg.min_lr, tcfg.warmup_iters, decay_iters)
+            model.zero_grad()
+            loss = 0.0
+            for _ in range(k):
+                x, y = data.batch("train", B, T, rng)
+                loss += model.loss(x, y, train=True, rng=rng) / k
+                model.backward(1.0 / k)
+            if not math.isfinite(loss):
+                raise NpgptError(f"loss became {loss} at step {step + 1}; stopped without saving. The last good "
+                                 f"checkpoint in {out} is kept")
+            norm = opt.step(model.grad, lr, tcfg.grad_clip)
+            step += 1
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            elapsed += dt
+            tok_s = B * k * T / dt
+            log({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_sec": tok_s})
+            bar.update(step, loss, tok_s)
+            if step % tcfg.eval_interval == 0 or step == tcfg.max_iters:
+                tl, vl = evaluate()
+                best_val = min(best_val, vl) if math.isfinite(vl) else best_val
+                bar.message(f"step {step}: train loss {tl:.4f}, val loss {vl:.4f}")
+            if step % ckpt_every == 0 or step == tcfg.max_iters:
+                checkpoint()
+            t_last = time.perf_counter()
+    finally:
+        metrics.close()
+        bar.close()
+    return model
+
+
+def _load_optimizer(out: Path, opt: AdamW, step: int):
+    from .checkpoint import load_safetensors
+    tensors, meta = load_safetensors(out / "optim.safetensors", mmap=False)
+    if meta.get("step") != str(step):
+        raise NpgptError(f"{out}: optimizer state is from step {meta.get('step')}, state.json from step {step}; "
+                         f"the checkpoint is inconsistent")
+    if tensors["m"].shape != opt.m.shape:
+        raise NpgptError(f"{out}: optimizer state does not match the model")
+    opt.m[:] = tensors["m"]
+    opt.v[:] = tensors["v"]
+    opt.t = int(meta["t"])
+
+
+def _truncate_metrics(path: Path, step: int):
+    """Drop log lines from steps after the checkpoint we resume from (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    with atomic_open(path) as f:
+        f.write("".join(ln + "\n" for ln in keep).encode())
+
+
+def _plot(out: Path):
+    """loss.png from metrics.jsonl, when matplotlib is installed (an optional extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    steps = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.6, alpha=0.6, label="train (batch)")
+    ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train")
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(out / "loss.png") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+class _Progress:
+    """A one-line progress bar on a terminal (loss, tokens/s, ETA); periodic plain lines otherwise."""
+
+    def __init__(self, total, start, stream, quiet):
+        self.total, self.start, self.stream, self.quiet = total, start, stream, quiet
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.t0 = time.perf_counter()
+        self.every = max(1, (total - start) // 20)
+
+    def update(self, step, loss, tok_s):
+        if self.quiet:
+            return
+        done = step - self.start
+        eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
+        line = f"step {step}/{self.total} loss {loss:.4f} {tok_s:,.0f} tok/s ETA {eta:,.0f}s"
+        if self.tty:
+            n = int(30 * step / self.total)
+            print(f"\r[{'#' * n}{'.' * (30 - n)}] {line}\033[K", end="", file=self.stream, flush=True)
+        elif done % self.every == 0 or step == self.total:
+            print(line, file=self.stream, flush=True)
+
+    def message(self, text):
+        if not self.quiet:
+            print(("\r\033[K" if self.tty else "") + text, file=self.stream, flush=True)
+
+    def close(self):
+        if self.tty and not self.quiet:
+            print(file=self.stream)

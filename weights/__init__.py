@@ -1,0 +1,1 @@
+"""Shipped model and tokenizer assets (installed as the package `npgpt_weights`; holds no code)."""
