@@ -130,10 +130,11 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
             lr = lr_at(step, tcfg.learning_rate, tcfg.min_lr, tcfg.warmup_iters, decay_iters)
             model.zero_grad()
             loss = 0.0
-            for _ in range(k):
-                x, y = data.batch("train", B, T, rng)
-                loss += model.loss(x, y, train=True, rng=rng) / k
-                model.backward(1.0 / k)
+            with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below, once
+                for _ in range(k):
+                    x, y = data.batch("train", B, T, rng)
+                    loss += model.loss(x, y, train=True, rng=rng) / k
+                    model.backward(1.0 / k)
             if not math.isfinite(loss):
                 raise NpgptError(f"loss became {loss} at step {step + 1}; stopped without saving. The last good "
                                  f"checkpoint in {out} is kept")

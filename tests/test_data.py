@@ -1,0 +1,72 @@
+"""prepare -> token files; seeded random-window batches."""
+import json
+
+import numpy as np
+import pytest
+
+from npgpt.data import TokenData, prepare, read_text
+from npgpt.errors import NpgptError
+
+
+def test_prepare_char_split_and_meta(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("abcdefghij" * 100)
+    meta = prepare([src], tmp_path / "d", "char", val_fraction=0.1)
+    assert meta["train_tokens"] == 900 and meta["val_tokens"] == 100 and meta["dtype"] == "uint16"
+    d = TokenData(tmp_path / "d")
+    train = np.fromfile(tmp_path / "d" / "train.bin", dtype=np.uint16)
+    assert d.tokenizer.decode(train[:10]) == "abcdefghij"
+    assert json.loads((tmp_path / "d" / "meta.json").read_text())["vocab_size"] == 10
+
+
+def test_prepare_joins_inputs_and_normalises_newlines(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"one\r\ntwo\rthree\n")
+    (tmp_path / "b.txt").write_text("four\n")
+    assert read_text(tmp_path / "a.txt") == "one\ntwo\nthree\n"
+    prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "d", "char", val_fraction=0.0)
+    d = TokenData(tmp_path / "d")
+    assert d.tokenizer.decode(d.tokens("train")) == "one\ntwo\nthree\nfour\n"
+
+
+def test_prepare_uint32_for_large_vocab(tmp_path):
+    from npgpt.tokenizer import Tokenizer
+    src = tmp_path / "a.txt"
+    src.write_text("hello world " * 100)
+    tok = Tokenizer.train_char(["".join(chr(0x20000 + i) for i in range(70000)) + "hello world "])
+    meta = prepare([src], tmp_path / "d", tok)
+    assert meta["dtype"] == "uint32"
+    d = TokenData(tmp_path / "d")
+    assert d.tokenizer.decode(d.tokens("train")[:11]) == "hello world"
+
+
+def test_batches_are_seeded_windows(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("".join(chr(97 + i % 26) for i in range(2000)))
+    prepare([src], tmp_path / "d", "char")
+    d = TokenData(tmp_path / "d")
+    x1, y1 = d.batch("train", 4, 16, np.random.default_rng(0))
+    x2, y2 = d.batch("train", 4, 16, np.random.default_rng(0))
+    np.testing.assert_array_equal(x1, x2)
+    assert x1.shape == (4, 16) and x1.dtype == np.int64
+    np.testing.assert_array_equal(x1[:, 1:], y1[:, :-1])
+    assert np.all((y1 - x1) % 26 == 1)  # consecutive letters: y is x shifted by one
+
+
+@pytest.mark.parametrize("content,match", [(b"", "empty"), (b"ok\xff\xfe", "not UTF-8")])
+def test_bad_corpus(tmp_path, content, match):
+    src = tmp_path / "a.txt"
+    src.write_bytes(content)
+    with pytest.raises(NpgptError, match=match):
+        prepare([src], tmp_path / "d", "char")
+    assert not (tmp_path / "d").exists()
+
+
+def test_missing_corpus_and_existing_out(tmp_path):
+    with pytest.raises(NpgptError, match="not found"):
+        prepare([tmp_path / "nope.txt"], tmp_path / "d")
+    src = tmp_path / "a.txt"
+    src.write_text("abc" * 100)
+    prepare([src], tmp_path / "d")
+    with pytest.raises(NpgptError, match="--force"):
+        prepare([src], tmp_path / "d")
+    prepare([src], tmp_path / "d", force=True)

@@ -1,0 +1,166 @@
+"""Every layer's backward against central finite differences in float64, and its forward against a
+plain NumPy reference (picoGPT-style one-liners)."""
+import math
+
+import numpy as np
+import pytest
+
+from npgpt import layers as L
+
+RTOL = 1e-6
+
+
+def rel_err(a, b):
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+def numeric_grad(f, x, h=1e-6):
+    """Central differences of the scalar f() with respect to every element of x (modified in place)."""
+    g = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + h
+        fp = f()
+        flat[i] = old - h
+        fm = f()
+        flat[i] = old
+        gflat[i] = (fp - fm) / (2 * h)
+    return g
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_layernorm_forward_matches_reference(rng):
+    x = rng.standard_normal((3, 5, 7))
+    w, b = rng.standard_normal(7), rng.standard_normal(7)
+    out, _ = L.layernorm_forward(x, w, b, 1e-5)
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)  # biased variance, as GPT-2
+    np.testing.assert_allclose(out, (x - mu) / np.sqrt(var + 1e-5) * w + b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layernorm_backward(rng, bias):
+    x = rng.standard_normal((2, 3, 6))
+    w = rng.standard_normal(6)
+    b = rng.standard_normal(6) if bias else None
+    up = rng.standard_normal((2, 3, 6))
+    f = lambda: float((L.layernorm_forward(x, w, b, 1e-5)[0] * up).sum())  # noqa: E731
+    out, cache = L.layernorm_forward(x, w, b, 1e-5)
+    dw, db = np.zeros(6), (np.zeros(6) if bias else None)
+    dx = L.layernorm_backward(up, cache, w, dw, db)
+    assert rel_err(dx, numeric_grad(f, x)) < RTOL
+    assert rel_err(dw, numeric_grad(f, w)) < RTOL
+    if bias:
+        assert rel_err(db, numeric_grad(f, b)) < RTOL
+
+
+def test_linear_backward_accumulates(rng):
+    x, w, b = rng.standard_normal((2, 3, 4)), rng.standard_normal((4, 5)), rng.standard_normal(5)
+    up = rng.standard_normal((2, 3, 5))
+    f = lambda: float((L.linear_forward(x, w, b) * up).sum())  # noqa: E731
+    np.testing.assert_allclose(L.linear_forward(x, w, b), x @ w + b)
+    dw, db = np.ones((4, 5)), np.ones(5)  # pre-filled: backward must add, not overwrite
+    dx = L.linear_backward(up, x, w, dw, db)
+    assert rel_err(dx, numeric_grad(f, x)) < RTOL
+    assert rel_err(dw - 1, numeric_grad(f, w)) < RTOL
+    assert rel_err(db - 1, numeric_grad(f, b)) < RTOL
+
+
+def test_gelu_forward_is_tanh_gelu_and_backward(rng):
+    x = rng.standard_normal((4, 9)) * 3
+    ref = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    assert rel_err(L.gelu_forward(x), ref) < 1e-6  # constants are float32-rounded literals
+    up = rng.standard_normal(x.shape)
+    f = lambda: float((L.gelu_forward(x) * up).sum())  # noqa: E731
+    assert rel_err(L.gelu_backward(up, x), numeric_grad(f, x)) < RTOL
+
+
+def test_gelu_float32_stays_float32(rng):
+    x = rng.standard_normal(100).astype(np.float32)
+    assert L.gelu_forward(x).dtype == np.float32
+    assert L.gelu_backward(x, x).dtype == np.float32
+
+
+def test_embedding_backward(rng):
+    idx = rng.integers(0, 5, (2, 4))
+    wte, wpe = rng.standard_normal((5, 3)), rng.standard_normal((6, 3))
+    up = rng.standard_normal((2, 4, 3))
+    for pos0 in (0, 2):
+        f = lambda: float((L.embedding_forward(idx, wte, wpe, pos0) * up).sum())  # noqa: E731
+        dwte, dwpe = np.zeros_like(wte), np.zeros_like(wpe)
+        L.embedding_backward(up, idx, dwte, dwpe, pos0)
+        assert rel_err(dwte, numeric_grad(f, wte)) < RTOL
+        assert rel_err(dwpe, numeric_grad(f, wpe)) < RTOL
+
+
+def naive_attention(q, k, v, q_offset=0):
+    """Reference: scores masked with -inf above the causal diagonal, softmax, weighted sum."""
+    Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    s = q @ k.swapaxes(-1, -2) / math.sqrt(D)
+    mask = np.arange(Tk)[None, :] > (q_offset + np.arange(Tq))[:, None]
+    s = np.where(mask, -np.inf, s)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("q_offset", [0, 3])
+def test_attention_forward_and_backward(rng, q_offset):
+    B, H, Tq, D = 2, 2, 4, 3
+    Tk = q_offset + Tq
+    q, k, v = rng.standard_normal((B, H, Tq, D)), rng.standard_normal((B, H, Tk, D)), rng.standard_normal((B, H, Tk, D))
+    y, cache = L.attention_forward(q, k, v, q_offset)
+    assert rel_err(y, naive_attention(q, k, v, q_offset)) < 1e-12
+    up = rng.standard_normal(y.shape)
+    f = lambda: float((L.attention_forward(q, k, v, q_offset)[0] * up).sum())  # noqa: E731
+    dq, dk, dv = L.attention_backward(up, q, k, v, cache)
+    assert rel_err(dq, numeric_grad(f, q)) < RTOL
+    assert rel_err(dk, numeric_grad(f, k)) < RTOL
+    assert rel_err(dv, numeric_grad(f, v)) < RTOL
+
+
+def test_attention_masked_probabilities_are_exactly_zero(rng):
+    q = rng.standard_normal((1, 1, 5, 4)) * 100  # huge scores: a finite -1e4 penalty would leak
+    y, (att, *_ ) = L.attention_forward(q, q.copy(), q.copy())
+    assert np.all(att[0, 0][np.triu_indices(5, 1)] == 0.0)
+
+
+def test_attention_dropout_backward(rng):
+    B, H, T, D = 1, 2, 5, 3
+    q, k, v = (rng.standard_normal((B, H, T, D)) for _ in range(3))
+    seed = 7
+    y, cache = L.attention_forward(q, k, v, 0, 0.3, np.random.default_rng(seed))
+    up = rng.standard_normal(y.shape)
+    # the same dropout mask for every evaluation: reseed the generator each time
+    f = lambda: float((L.attention_forward(q, k, v, 0, 0.3, np.random.default_rng(seed))[0] * up).sum())  # noqa
+    dq, dk, dv = L.attention_backward(up, q, k, v, cache)
+    assert cache[1] is not None and (cache[1] == 0).any()
+    assert rel_err(dq, numeric_grad(f, q)) < RTOL
+    assert rel_err(dv, numeric_grad(f, v)) < RTOL
+
+
+def test_cross_entropy_with_ignore_index(rng):
+    logits = rng.standard_normal((6, 7)) * 3
+    targets = np.array([1, -1, 6, 0, -1, 3])
+    keep = targets >= 0
+    lse = np.log(np.exp(logits).sum(-1))
+    ref = float(np.mean(lse[keep] - logits[keep, targets[keep]]))
+    assert abs(L.cross_entropy_forward(logits, targets) - ref) < 1e-12
+    f = lambda: L.cross_entropy_forward(logits, targets)  # noqa: E731
+    d = L.cross_entropy_backward(logits, targets)
+    assert rel_err(d, numeric_grad(f, logits)) < RTOL
+    assert np.all(d[~keep] == 0)
+
+
+def test_dropout_forward_backward(rng):
+    x = rng.standard_normal((50, 40))
+    out, mask = L.dropout_forward(x, 0.25, np.random.default_rng(1))
+    kept = mask != 0
+    assert 0.65 < kept.mean() < 0.85
+    np.testing.assert_allclose(out[kept], x[kept] / 0.75)
+    np.testing.assert_allclose(L.dropout_backward(np.ones_like(x), mask), mask)
+    out, mask = L.dropout_forward(x, 0.25, None)  # evaluation: identity
+    assert mask is None and out is x

@@ -1,0 +1,164 @@
+"""The whole model: parameter gradient vs finite differences, causality, gradient accumulation, KV cache,
+dtypes."""
+import numpy as np
+import pytest
+
+from npgpt.config import GPTConfig, preset
+from npgpt.errors import NpgptError
+from npgpt.model import GPT, KVCache
+from npgpt.params import num_params, param_shapes
+
+
+def tiny(ln="pre", **kw):
+    return GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=11, ln=ln), **kw})
+
+
+@pytest.mark.parametrize("ln,bias", [("pre", True), ("post", True), ("pre", False)])
+def test_model_gradient_matches_finite_differences(ln, bias):
+    m = GPT(tiny(ln, bias=bias), dtype=np.float64, seed=1)
+    m.flat[:] = np.random.default_rng(0).standard_normal(m.flat.size) * 0.3  # move away from the init
+    rng = np.random.default_rng(1)
+    idx, tgt = rng.integers(0, 11, (2, 6)), rng.integers(0, 11, (2, 6))
+    tgt[0, 2] = -1
+    m.zero_grad()
+    m.loss(idx, tgt)
+    m.backward()
+    num = np.zeros_like(m.flat)
+    h = 1e-6
+    for i in range(m.flat.size):
+        old = m.flat[i]
+        m.flat[i] = old + h
+        lp = m.loss(idx, tgt)
+        m.flat[i] = old - h
+        lm = m.loss(idx, tgt)
+        m.flat[i] = old
+        num[i] = (lp - lm) / (2 * h)
+    err = np.abs(m.grad - num).max() / np.abs(num).max()
+    assert err < 1e-6, err
+    # and every tensor individually gets gradient (ln_f only exists in pre-LN)
+    for name, g in m.grads.items():
+        assert np.abs(g).max() > 0, name
+
+
+def test_nano_preset_gradient_check_float64():
+    cfg = preset("nano")
+    m = GPT(cfg, dtype=np.float64, seed=3)
+    rng = np.random.default_rng(2)
+    idx, tgt = rng.integers(0, cfg.vocab_size, (2, 5)), rng.integers(0, cfg.vocab_size, (2, 5))
+    m.zero_grad()
+    m.loss(idx, tgt)
+    m.backward()
+    # spot-check 200 random coordinates of the full gradient
+    coords = rng.choice(m.flat.size, 200, replace=False)
+    h = 1e-6
+    for i in coords:
+        old = m.flat[i]
+        m.flat[i] = old + h
+        lp = m.loss(idx, tgt)
+        m.flat[i] = old - h
+        lm = m.loss(idx, tgt)
+        m.flat[i] = old
+        assert abs((lp - lm) / (2 * h) - m.grad[i]) < 1e-6 * max(1.0, np.abs(m.grad).max())
+
+
+@pytest.mark.parametrize("ln", ["pre", "post"])
+def test_causality(ln):
+    cfg = tiny(ln, block_size=10, vocab_size=13)
+    m = GPT(cfg, seed=4)
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, 13, (1, 10))
+    base = m.forward(idx)
+    for t in range(9):
+        changed = idx.copy()
+        changed[0, t + 1:] = (changed[0, t + 1:] + 1 + rng.integers(0, 12, 9 - t)) % 13
+        out = m.forward(changed)
+        np.testing.assert_array_equal(out[0, :t + 1], base[0, :t + 1])
+        assert not np.allclose(out[0, t + 1:], base[0, t + 1:])
+
+
+def test_gradient_accumulation_equals_big_batch():
+    cfg = tiny(block_size=8, vocab_size=17)
+    rng = np.random.default_rng(5)
+    idx, tgt = rng.integers(0, 17, (6, 8)), rng.integers(0, 17, (6, 8))
+    big = GPT(cfg, dtype=np.float64, seed=9)
+    big.zero_grad()
+    big.loss(idx, tgt)
+    big.backward()
+    acc = GPT(cfg, dtype=np.float64, seed=9)
+    acc.zero_grad()
+    k = 3
+    for i in range(k):
+        acc.loss(idx[2 * i:2 * i + 2], tgt[2 * i:2 * i + 2])
+        acc.backward(1.0 / k)
+    np.testing.assert_allclose(acc.grad, big.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_float32_stays_float32():
+    cfg = tiny()
+    m = GPT(cfg, seed=0)
+    assert m.flat.dtype == np.float32
+    idx = np.zeros((2, 8), np.int64)
+    assert m.forward(idx).dtype == np.float32
+    m.zero_grad()
+    m.loss(idx, idx)
+    m.backward()
+    assert m.grad.dtype == np.float32
+    cache = KVCache(cfg, 2)
+    assert m.forward(idx[:, :3], kv=cache).dtype == np.float32
+
+
+@pytest.mark.parametrize("ln", ["pre", "post"])
+def test_kv_cache_logits_equal_full_forward(ln):
+    cfg = tiny(ln, block_size=12, vocab_size=19)
+    m = GPT(cfg, seed=6)
+    idx = np.random.default_rng(7).integers(0, 19, (3, 12))
+    full = m.forward(idx)
+    cache = KVCache(cfg, 3)
+    parts = [m.forward(idx[:, :5], kv=cache)]
+    for t in range(5, 12):
+        parts.append(m.forward(idx[:, t:t + 1], kv=cache))
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_and_uncached_greedy_generation_identical():
+    cfg = tiny(block_size=16, vocab_size=23, n_embd=16)
+    m = GPT(cfg, seed=8)
+    prompt = [1, 2, 3, 4]
+    a = m.generate(prompt, 30, temperature=0, use_cache=True)  # runs past the context: window slides
+    b = m.generate(prompt, 30, temperature=0, use_cache=False)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (1, 34)
+
+
+def test_dropout_only_in_training():
+    cfg = tiny(dropout=0.5)
+    m = GPT(cfg, seed=0)
+    idx = np.random.default_rng(0).integers(0, 11, (2, 8))
+    assert m.loss(idx, idx) == m.loss(idx, idx)
+    a = m.loss(idx, idx, train=True, rng=np.random.default_rng(1))
+    b = m.loss(idx, idx, train=True, rng=np.random.default_rng(2))
+    assert a != b
+
+
+def test_param_count_gpt2_124m_and_hf_names():
+    assert num_params(preset("gpt2-124m")) == 124_439_808
+    names = [n for n, _ in param_shapes(preset("nano"))]
+    assert names[:4] == ["wte.weight", "wpe.weight", "h.0.ln_1.weight", "h.0.ln_1.bias"]
+    assert "h.1.mlp.c_proj.weight" in names and names[-1] == "ln_f.bias"
+    assert "ln_f.weight" not in [n for n, _ in param_shapes(preset("gpt1"))]
+
+
+def test_init_statistics():
+    cfg = GPTConfig(n_layer=4, n_head=4, n_embd=64, block_size=32, vocab_size=100)
+    m = GPT(cfg, seed=0)
+    assert abs(m.params["h.0.mlp.c_fc.weight"].std() - 0.02) < 0.002
+    assert abs(m.params["h.0.mlp.c_proj.weight"].std() - 0.02 / np.sqrt(8)) < 0.001
+    assert np.all(m.params["h.0.ln_1.weight"] == 1) and np.all(m.params["h.0.attn.c_attn.bias"] == 0)
+
+
+def test_bad_token_ids_and_too_long_input():
+    m = GPT(tiny(), seed=0)
+    with pytest.raises(NpgptError, match="out of range"):
+        m.forward([[0, 11]])
+    with pytest.raises(NpgptError, match="exceeds the context"):
+        m.forward(np.zeros((1, 9), np.int64))

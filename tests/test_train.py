@@ -1,0 +1,108 @@
+"""The training loop: learning, exact resume after SIGKILL, non-finite loss, refusing to overwrite."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import npgpt
+from npgpt.errors import NpgptError
+
+SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, eval_iters=2, learning_rate=3e-3,
+             warmup_iters=5)
+
+
+def step_losses(run):
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if "loss" in r]
+
+
+def test_training_reduces_loss_and_writes_a_checkpoint(shakespeare_data, tmp_path):
+    out = tmp_path / "run"
+    model = npgpt.train(shakespeare_data, out, overrides={**SMALL, "max_iters": 60, "eval_interval": 30},
+                        quiet=True)
+    losses = step_losses(out)
+    assert len(losses) == 60
+    assert np.mean(losses[-10:]) < np.mean(losses[:5]) - 0.5
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "optim.safetensors", "state.json"):
+        assert (out / f).is_file(), f
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["n_embd"] == 32 and cfg["train"]["max_iters"] == 60 and cfg["tokenizer"]["kind"] == "char"
+    loaded = npgpt.load(out)
+    idx = np.array([[1, 2, 3]])
+    np.testing.assert_array_equal(loaded.forward(idx), model.forward(idx))
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(shakespeare_data, tmp_path):
+    args = ["--data", shakespeare_data, "--quiet", "--max_iters", "300", "--eval_interval", "40",
+            "--ckpt_interval", "40"] + [f"--{k}={v}" for k, v in SMALL.items()] + ["--dropout", "0.1"]
+    cmd = [sys.executable, "-m", "npgpt_cli.main", "train"]
+    full = tmp_path / "full"
+    subprocess.run(cmd + ["--out", full] + args, check=True, timeout=300)
+    # the same run, killed between checkpoints, then resumed
+    part = tmp_path / "part"
+    proc = subprocess.Popen(cmd + ["--out", part] + args)
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        if (part / "metrics.jsonl").is_file():
+            losses = step_losses(part)
+            if len(losses) >= 90 and len(losses) % 40 != 0:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = len(losses)
+                break
+        time.sleep(0.01)
+    proc.wait()
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "run ended before it could be killed"
+    state = json.loads((part / "state.json").read_text())
+    assert state["step"] < killed_at  # some steps were lost and must be redone
+    subprocess.run(cmd + ["--out", part, "--resume"] + args, check=True, timeout=300)
+    assert step_losses(part) == step_losses(full)
+    assert json.loads((part / "state.json").read_text())["step"] == 300
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(shakespeare_data, tmp_path):
+    out = tmp_path / "run"
+    npgpt.train(shakespeare_data, out, overrides={**SMALL, "max_iters": 4, "eval_interval": 2}, quiet=True)
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(NpgptError, match=r"at step \d+"):
+        npgpt.train(shakespeare_data, out, overrides={"max_iters": 50, "learning_rate": 1e38, "warmup_iters": 1,
+                                                      "grad_clip": 0.0, "min_lr": 1e38},
+                    resume=True, quiet=True)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert json.loads((out / "state.json").read_text())["step"] == 4
+
+
+def test_refuses_existing_run_without_resume_or_force(shakespeare_data, tmp_path):
+    out = tmp_path / "run"
+    npgpt.train(shakespeare_data, out, overrides={**SMALL, "max_iters": 2, "eval_interval": 2}, quiet=True)
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(NpgptError, match="--resume"):
+        npgpt.train(shakespeare_data, out, overrides={**SMALL, "max_iters": 2}, quiet=True)
+    assert (out / "model.safetensors").read_bytes() == before
+    npgpt.train(shakespeare_data, out, overrides={**SMALL, "max_iters": 3, "eval_interval": 3}, force=True,
+                quiet=True)
+    assert json.loads((out / "state.json").read_text())["step"] == 3
+
+
+def test_grad_accumulation_run_equals_big_batch_run(shakespeare_data, tmp_path):
+    """In float32 too: two micro-batches of 4 with weight 1/2 sum to the gradient of the batch of 8."""
+    from npgpt.data import TokenData
+    from npgpt.model import GPT
+    from npgpt.config import GPTConfig
+    data = TokenData(shakespeare_data)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=data.vocab_size)
+    x, y = data.batch("train", 8, 32, np.random.default_rng(0))
+    a, b = GPT(cfg, seed=0), GPT(cfg, seed=0)
+    a.zero_grad()
+    a.loss(x, y)
+    a.backward()
+    b.zero_grad()
+    for i in range(2):
+        b.loss(x[4 * i:4 * i + 4], y[4 * i:4 * i + 4])
+        b.backward(0.5)
+    np.testing.assert_allclose(b.grad, a.grad, rtol=1e-4, atol=1e-6 * np.abs(a.grad).max())
