@@ -70,3 +70,29 @@ def test_missing_corpus_and_existing_out(tmp_path):
     with pytest.raises(NpgptError, match="--force"):
         prepare([src], tmp_path / "d")
     prepare([src], tmp_path / "d", force=True)
+
+
+def _rss_kb():
+    """File-backed resident memory of this process (mapped pages of files such as token files)."""
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("RssFile"))
+
+
+def test_sampling_does_not_grow_resident_memory(tmp_path):
+    """Many batches over a 64 MB token file: touched pages must not pile up in this process's RSS."""
+    d = tmp_path / "d"
+    d.mkdir()
+    n = 32 * 1024 * 1024
+    np.arange(n, dtype=np.uint32).astype(np.uint16).tofile(d / "train.bin")
+    np.zeros(1000, np.uint16).tofile(d / "val.bin")
+    from npgpt.tokenizer import Tokenizer
+    Tokenizer.train_char(["ab"]).save(d)
+    (d / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab_size": 65536, "dtype": "uint16"}))
+    data = TokenData(d)
+    rng = np.random.default_rng(0)
+    data.batch("train", 64, 1024, rng)
+    before = _rss_kb()
+    for _ in range(3000):  # ~200k windows of 512 bytes: would touch most of the file's pages
+        data.batch("train", 64, 1024, rng)
+    grew = _rss_kb() - before
+    assert grew < 8 * 1024, grew  # far below the 64 MB a kept map would accumulate
