@@ -114,11 +114,11 @@ class GPT:
         rng = acts["rng"] if acts is not None else None
         pos0 = kv.length if kv is not None else 0
         x = embedding_forward(idx, p["wte.weight"], p["wpe.weight"], pos0)
-        x, acts_emb_mask = dropout_forward(x, pdrop, rng)
+        x, emb_mask = dropout_forward(x, pdrop, rng)
         pre = cfg.ln == "pre"
         for l in range(cfg.n_layer):
             w = lambda name: p.get(f"h.{l}.{name}")  # noqa: E731  (None for absent biases)
-            a = {"x": x}
+            a = {}
             # attention sublayer
             h = x
             if pre:
@@ -135,9 +135,7 @@ class GPT:
                 linear_forward(y, w("attn.c_proj.weight"), w("attn.c_proj.bias")), pdrop, rng)
             x = x + out
             if not pre:
-                a["s_1"] = x
                 x, a["ln_1"] = layernorm_forward(x, w("ln_1.weight"), w("ln_1.bias"), eps)
-            a["x_mid"] = x
             # MLP sublayer
             h = x
             if pre:
@@ -149,7 +147,6 @@ class GPT:
                 linear_forward(g, w("mlp.c_proj.weight"), w("mlp.c_proj.bias")), pdrop, rng)
             x = x + out
             if not pre:
-                a["s_2"] = x
                 x, a["ln_2"] = layernorm_forward(x, w("ln_2.weight"), w("ln_2.bias"), eps)
             if acts is not None:
                 acts["layers"].append(a)
@@ -160,7 +157,7 @@ class GPT:
             if acts is not None:
                 acts["ln_f"] = ln_f
         if acts is not None:
-            acts["emb_mask"] = acts_emb_mask
+            acts["emb_mask"] = emb_mask
         return x
 
     # ------------------------------------------------------------------ backward

@@ -94,9 +94,10 @@ def _prefill(model: GPT, idx, cache: KVCache | None):
     return model.forward(idx, kv=cache, last_only=True)[:, -1]
 
 
-def stream_text(model: GPT, ids_callback_out=sys.stdout):
-    """An on_token callback that prints decoded text of sample 0 as it is produced. Holds back output
-    while the tail is an incomplete multi-byte character."""
+def stream_text(model: GPT, out=None):
+    """An on_token callback for `generate` that writes the decoded text of sample 0 to `out` (stdout) as
+    it is produced, holding back while the tail is an incomplete multi-byte character."""
+    out = out or sys.stdout
     tok = model.tokenizer
     seen: list[int] = []
     printed = [0]
@@ -106,8 +107,8 @@ def stream_text(model: GPT, ids_callback_out=sys.stdout):
         text = tok.decode(seen)
         if text.endswith("\ufffd"):
             return
-        ids_callback_out.write(text[printed[0]:])
-        ids_callback_out.flush()
+        out.write(text[printed[0]:])
+        out.flush()
         printed[0] = len(text)
 
     return on_token

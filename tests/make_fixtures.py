@@ -7,8 +7,9 @@ biases and layernorm parameters so that none is exactly 0 or 1 and the forward r
 draw a fixed batch from a seeded rng (a few targets set to -1, ignored), and compute in PyTorch
 (float32): logits, loss, every parameter gradient, and the losses and gradient norms of STEPS AdamW steps
 with global-norm clipping on that same batch (a fixed batch makes the loss fall steadily, which makes the
-step losses sensitive to the optimizer's lr, betas and weight decay). Everything lands in tests/fixtures/<name>.safetensors, with the config
-and the optimizer settings in tests/fixtures/<name>.json. The npgpt model is compared against the new
+step losses sensitive to the optimizer's lr, betas and weight decay). Everything lands in
+tests/fixtures/<name>.safetensors, with the config and the optimizer settings in tests/fixtures/<name>.json.
+A last fixture, adamw.*, checks the optimizer alone on stored gradients. npgpt is compared against the new
 fixtures at the end, as a quick check.
 """
 from __future__ import annotations
@@ -38,7 +39,8 @@ FIXTURES = HERE / "fixtures"
 CONFIGS = {
     "pre_bias": (GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, ln="pre", bias=True), 2, 16),
     "post_bias": (GPTConfig(n_layer=2, n_head=3, n_embd=24, block_size=16, vocab_size=50, ln="post", bias=True), 2, 16),
-    "pre_nobias": (GPTConfig(n_layer=2, n_head=2, n_embd=24, block_size=16, vocab_size=50, ln="pre", bias=False), 2, 16),
+    "pre_nobias": (GPTConfig(n_layer=2, n_head=2, n_embd=24, block_size=16, vocab_size=50, ln="pre",
+                             bias=False), 2, 16),
     # other shapes: 4 heads of 4, an explicit MLP width, T shorter than the context, a non-default eps
     "post_nobias_small": (GPTConfig(n_layer=2, n_head=4, n_embd=16, block_size=20, vocab_size=40, ln="post",
                                     bias=False, n_inner=40, layer_norm_eps=1e-6), 3, 12),
@@ -103,12 +105,45 @@ def make_fixture(name: str, cfg: GPTConfig, B: int, T: int, seed: int) -> dict:
     return tensors
 
 
+ADAMW_SHAPES = [(12, 16), (16,), (16, 8), (8,)]  # the optimizer-only fixture: two weights, two vectors
+ADAMW_CLIPS = [1.0, 0.05, 0.0, 0.05, 1.0, 0.05, 0.0, 1.0, 0.05, 1.0]  # active (0.05), inactive (1.0), off (0)
+
+
+def adamw_case(seed: int) -> dict:
+    """AdamW alone: torch's parameters after each of len(ADAMW_CLIPS) steps, from stored gradients whose
+    magnitudes span 1e-9 .. 1e-1 (some exactly 0), so bias correction, eps, clipping and decoupled weight
+    decay are all checked without a model in the loop."""
+    rng = np.random.default_rng(seed)
+    n = sum(int(np.prod(s)) for s in ADAMW_SHAPES)
+    flat0 = (0.03 * rng.standard_normal(n)).astype(np.float32)  # small, so rounding of p stays << an update
+    steps = len(ADAMW_CLIPS)
+    grads = (rng.standard_normal((steps, n)) * 10.0 ** rng.uniform(-9, -1, (steps, n))).astype(np.float32)
+    grads[:, :5] = 0.0
+    params, norms = torch_ref.adamw_reference(ADAMW_SHAPES, flat0, grads, ADAMW_CLIPS, lr=OPTIM["lr"],
+                                              weight_decay=OPTIM["weight_decay"],
+                                              betas=(OPTIM["beta1"], OPTIM["beta2"]), eps=OPTIM["eps"])
+    return {"flat0": flat0, "grads": grads, "clips": np.array(ADAMW_CLIPS, np.float64),
+            "params": params, "grad_norms": norms}
+
+
+def make_adamw_fixture(seed: int) -> dict:
+    tensors = adamw_case(seed)
+    save_file(tensors, str(FIXTURES / "adamw.safetensors"))
+    meta = {"shapes": ADAMW_SHAPES, "optim": {k: v for k, v in OPTIM.items() if k != "clip"}, "seed": seed,
+            "params": "parameters after each step", "clips": "clip_grad_norm_ max_norm per step (0: off)",
+            "torch_version": torch.__version__}
+    (FIXTURES / "adamw.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return tensors
+
+
 def main():
     torch.manual_seed(0)
     for i, (name, (cfg, B, T)) in enumerate(CONFIGS.items()):
         make_fixture(name, cfg, B, T, SEED + 10 * i)
         size = (FIXTURES / f"{name}.safetensors").stat().st_size
         print(f"wrote {name}: {size / 1024:.0f} KiB")
+    make_adamw_fixture(SEED + 1000)
+    print(f"wrote adamw: {(FIXTURES / 'adamw.safetensors').stat().st_size / 1024:.0f} KiB")
 
     # quick check of npgpt against what was just written
     import test_reference as tr
@@ -118,6 +153,7 @@ def main():
         worst = max(errs.items(), key=lambda kv: kv[1])
         print(f"{name}: worst relative error {worst[1]:.2e} ({worst[0]}); "
               f"step loss max |diff| {tr.step_loss_diff(fx):.2e}")
+    print(f"adamw alone: worst relative error {max(tr.adamw_fixture_errors(tr.load_adamw_fixture())):.2e}")
 
 
 if __name__ == "__main__":

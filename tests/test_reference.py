@@ -148,8 +148,41 @@ def test_fixture_adamw_steps(name):
     assert np.all(np.diff(ref_losses) < 0), "the reference run should make steady progress on its batch"
 
 
+def load_adamw_fixture() -> dict:
+    st, js = FIXTURES / "adamw.safetensors", FIXTURES / "adamw.json"
+    assert st.is_file() and js.is_file(), "missing fixture adamw; run: python tests/make_fixtures.py"
+    return {"meta": json.loads(js.read_text()), "t": load_file(str(st))}
+
+
+def adamw_fixture_errors(fx: dict) -> list[float]:
+    """Per step: max|ours - torch| over the parameters, relative to the largest total update so far."""
+    t, o = fx["t"], fx["meta"]["optim"]
+    shapes = [tuple(s) for s in fx["meta"]["shapes"]]
+    mask = np.concatenate([np.full(int(np.prod(s)), 1 if len(s) == 2 else 0, np.uint8) for s in shapes])
+    flat = t["flat0"].copy()
+    opt = AdamW(flat, mask, weight_decay=o["weight_decay"], beta1=o["beta1"], beta2=o["beta2"], eps=o["eps"])
+    errs = []
+    for g, clip, ref, ref_norm in zip(t["grads"], t["clips"], t["params"], t["grad_norms"]):
+        norm = opt.step(g.copy(), o["lr"], clip=float(clip))
+        assert abs(norm - ref_norm) <= REL_TOL * ref_norm, (norm, ref_norm)
+        errs.append(rel_err(flat - t["flat0"], ref - t["flat0"]))
+    return errs
+
+
+def test_fixture_adamw_alone():
+    fx = load_adamw_fixture()
+    t = fx["t"]
+    clips, norms = t["clips"], t["grad_norms"]
+    on = clips > 0
+    assert (~on).any() and (norms[on] > clips[on]).any() and (norms[on] < clips[on]).any(), \
+        "steps should cover clipping off, active and inactive"
+    errs = adamw_fixture_errors(fx)
+    assert len(errs) == len(t["clips"]) and max(errs) < REL_TOL, errs
+
+
 def test_comparison_detects_errors():
-    """The tolerances have teeth: a 1% change to one weight matrix, or a wrong layernorm eps, fails."""
+    """The tolerances have teeth: a 1% change to one weight matrix, a wrong layernorm eps, or a 10% larger
+    learning rate all fail the checks above by a wide margin."""
     fx = load_fixture("pre_bias")
     t, cfg = fx["t"], fx["cfg"]
     flat = t["flat"].copy()
@@ -161,6 +194,8 @@ def test_comparison_detects_errors():
     errs = compare(npgpt_forward_backward(bad_cfg, t["flat"], t["idx"], t["targets"]), t["logits"],
                    t["loss"][0], fx["grads"])
     assert max(errs.values()) > 10 * REL_TOL
+    bad = {**fx, "meta": {**fx["meta"], "optim": {**fx["meta"]["optim"], "lr": 1.1 * fx["meta"]["optim"]["lr"]}}}
+    assert np.abs(fixture_steps(bad)[0] - t["step_losses"]).max() > 10 * STEP_LOSS_TOL
 
 
 # ------------------------------------------------------------------ live, against torch
@@ -197,8 +232,20 @@ def test_live_against_torch(name):
     diff = np.abs(losses - ref_losses)
     assert diff.max() < STEP_LOSS_TOL, f"step loss diffs {diff}"
     assert rel_err(norms, ref_norms) < REL_TOL
-    moved = {n: rel_err(m.params[n], p) for n, p in torch_ref.params_numpy(tmodel).items()}
-    print(moved)
+    # Adam turns float noise in near-zero gradient entries into O(lr) steps, so trajectories drift apart
+    # by more than rounding (seen: up to 3e-5 of a tensor's scale); the optimizer alone is checked tightly
+    # in test_fixture_adamw_alone / test_live_adamw_alone.
+    drift = {n: rel_err(m.params[n], p) for n, p in torch_ref.params_numpy(tmodel).items()}
+    assert max(drift.values()) < 1e-3, drift
+
+
+def test_live_adamw_alone():
+    pytest.importorskip("torch")
+    import make_fixtures as mf
+
+    fx = {"meta": {"shapes": mf.ADAMW_SHAPES, "optim": mf.OPTIM}, "t": mf.adamw_case(99)}
+    errs = adamw_fixture_errors(fx)
+    assert max(errs) < REL_TOL, errs
 
 
 def test_live_torch_model_matches_names():

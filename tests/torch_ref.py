@@ -20,6 +20,10 @@ import torch.nn.functional as F
 from npgpt.config import GPTConfig
 from npgpt.params import make_views, param_shapes
 
+# The reference models are tiny: extra threads only add synchronisation overhead (on a busy machine,
+# seconds per test) and make reductions depend on the thread count.
+torch.set_num_threads(1)
+
 
 class Conv1D(nn.Module):
     """Linear layer with the weight stored (in, out): y = x @ W + b (b optional)."""
@@ -231,3 +235,30 @@ def reference(cfg: GPTConfig, flat: np.ndarray, idx: np.ndarray, targets: np.nda
     loss.backward()
     return {"logits": logits.detach().numpy().astype(np.float32), "loss": float(loss.detach()),
             "grads": grads_numpy(model)}
+
+
+def adamw_reference(shapes, flat0: np.ndarray, grads: np.ndarray, clips, lr: float = 1e-3,
+                    weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8):
+    """torch.optim.AdamW alone on a flat buffer cut into tensors of `shapes` (decay on the 2-D ones), fed
+    the given flat gradients grads [S, N] with clip_grad_norm_(clips[s]) before step s.
+    Returns (params after each step [S, N] float32, gradient norms before clipping [S] float64)."""
+    params, off = [], 0
+    for shape in shapes:
+        n = int(np.prod(shape))
+        params.append(torch.nn.Parameter(torch.from_numpy(np.array(flat0[off:off + n], np.float32).reshape(shape))))
+        off += n
+    assert off == flat0.size
+    groups = [{"params": [p for p in params if p.dim() == 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() != 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    out, norms = [], []
+    for g, clip in zip(grads, clips):
+        off = 0
+        for p in params:
+            n = p.numel()
+            p.grad = torch.from_numpy(np.array(g[off:off + n], np.float32).reshape(p.shape))
+            off += n
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))))
+        opt.step()
+        out.append(torch.cat([p.detach().reshape(-1) for p in params]).numpy().copy())
+    return np.stack(out), np.array(norms, np.float64)
