@@ -154,6 +154,32 @@ def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, seed,
         click.echo()
 
 
+# ---------------------------------------------------------------- conversion
+@cli.command("convert-weights")
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite a model in OUT.")
+@threads_option
+def convert_weights(src, out, force):
+    """Convert a Hugging Face GPT-2 directory SRC (safetensors) into an npgpt checkpoint dir OUT."""
+    from npgpt.convert import convert_hf
+    convert_hf(src, out, force=force)
+    click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="npgpt checkpoint dir.")
+@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True)
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite a model in OUT.")
+@threads_option
+def export(model_dir, fmt, out, force):
+    """Export a checkpoint as a Hugging Face GPT-2 directory OUT (transformers loads it)."""
+    from npgpt.convert import export_hf
+    export_hf(model_dir, out, force=force)
+    click.echo(f"wrote {out}")
+
+
 def main():
     cli(prog_name="npgpt")
 
