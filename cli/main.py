@@ -130,13 +130,16 @@ def train(ctx, data, out, preset, config_file, resume, force, quiet):
 @click.option("--top-k", default=None, type=click.IntRange(min=1))
 @click.option("--top-p", default=None, type=click.FloatRange(min=0, max=1, min_open=True))
 @click.option("--seed", default=None, type=int)
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--stop", multiple=True, help="Stop when the text contains this string (repeatable).")
 @click.option("--num-samples", default=1, show_default=True, type=click.IntRange(min=1))
 @threads_option
-def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, seed, num_samples):
+def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
+             num_samples):
     """Generate text from PROMPT ('-' reads stdin; default: a newline). Tokens stream as they are made."""
     import npgpt
     from npgpt.assets import default_model_dir
-    from npgpt.sampling import stream_text
+    from npgpt.sampling import TextStream
     if prompt == "-":
         prompt = sys.stdin.read()
     if prompt is None or prompt == "":
@@ -149,8 +152,11 @@ def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, seed,
             click.echo(f"--- sample {i + 1} ---")
         click.echo(prompt, nl=False)
         s = None if seed is None else seed + i
-        model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=s,
-                       on_token=stream_text(model))
+        stream = TextStream(model, stop=list(stop))
+        model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       repetition_penalty=repetition_penalty, stop=list(stop) or None, eos_id=model.tokenizer.eot_id,
+                       seed=s, on_token=stream)
+        stream.close()
         click.echo()
 
 

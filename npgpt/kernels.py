@@ -103,46 +103,53 @@ def gelu_bwd(dout, x, dx):
 
 
 @nb.njit(**_jit)
-def causal_softmax_fwd(att, scale, q_offset):
-    """In place over scores att [B, H, Tq, Tk]: row i keeps keys j <= q_offset + i, softmax(scale * s).
-    Masked entries become exactly 0 (they are skipped, never given a finite penalty)."""
+def causal_softmax_fwd(att, scale, q_offset, kstart):
+    """In place over scores att [B, H, Tq, Tk]: row i of batch b keeps keys kstart[b] <= j <= q_offset + i
+    and becomes softmax(scale * s) over them. Masked entries become exactly 0: they are skipped, never
+    given a finite penalty. kstart > 0 marks left padding; a row with no key left is all zeros."""
     B, H, Tq, Tk = att.shape
     for b in range(B):
+        j0 = kstart[b]
         for h in range(H):
             for i in range(Tq):
                 n = min(q_offset + i + 1, Tk)
                 mx = -np.inf
-                for j in range(n):
+                for j in range(j0, n):
                     s = att[b, h, i, j] * scale
                     att[b, h, i, j] = s
                     if s > mx:
                         mx = s
                 tot = 0.0
-                for j in range(n):
+                for j in range(j0, n):
                     e = math.exp(att[b, h, i, j] - mx)
                     att[b, h, i, j] = e
                     tot += e
-                inv = 1.0 / tot
-                for j in range(n):
+                inv = 1.0 / tot if n > j0 else 0.0
+                for j in range(j0, n):
                     att[b, h, i, j] *= inv
-                for j in range(n, Tk):
+                for j in range(0, min(j0, Tk)):
+                    att[b, h, i, j] = 0.0
+                for j in range(max(n, j0), Tk):
                     att[b, h, i, j] = 0.0
 
 
 @nb.njit(**_jit)
-def causal_softmax_bwd(datt, att, scale, q_offset):
+def causal_softmax_bwd(datt, att, scale, q_offset, kstart):
     """In place: datt (grad wrt probabilities) becomes the grad wrt the raw scores s (before scale)."""
     B, H, Tq, Tk = att.shape
     for b in range(B):
+        j0 = kstart[b]
         for h in range(H):
             for i in range(Tq):
                 n = min(q_offset + i + 1, Tk)
                 dot = 0.0
-                for j in range(n):
+                for j in range(j0, n):
                     dot += att[b, h, i, j] * datt[b, h, i, j]
-                for j in range(n):
+                for j in range(j0, n):
                     datt[b, h, i, j] = att[b, h, i, j] * (datt[b, h, i, j] - dot) * scale
-                for j in range(n, Tk):
+                for j in range(0, min(j0, Tk)):
+                    datt[b, h, i, j] = 0.0
+                for j in range(max(n, j0), Tk):
                     datt[b, h, i, j] = 0.0
 
 

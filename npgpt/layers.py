@@ -9,6 +9,8 @@ All functions follow the dtype of their inputs (float32 in the model, float64 in
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import kernels as K
@@ -21,10 +23,15 @@ def _empty(dtype):
 
 
 # ---------------------------------------------------------------- token + position embedding
-def embedding_forward(idx, wte, wpe, pos0=0):
-    """idx [B, T] int, wte [V, C], wpe [block, C] -> x [B, T, C] = wte[idx] + wpe[pos0 : pos0 + T]."""
+def embedding_forward(idx, wte, wpe, pos0=0, pad=None):
+    """idx [B, T] int, wte [V, C], wpe [block, C] -> x [B, T, C] = wte[idx] + wpe[pos0 : pos0 + T].
+    With left padding, pad [B] counts each row's pad columns and row b's positions start at -pad[b]
+    (pad columns get position 0; attention never reads them)."""
     T = idx.shape[1]
-    return wte[idx] + wpe[pos0:pos0 + T]
+    if pad is None or not pad.any():
+        return wte[idx] + wpe[pos0:pos0 + T]
+    pos = np.maximum(pos0 + np.arange(T)[None, :] - pad[:, None], 0)
+    return wte[idx] + wpe[pos]
 
 
 def embedding_backward(dout, idx, dwte, dwpe, pos0=0):
@@ -118,27 +125,29 @@ def merge_heads(y):
     return y.transpose(0, 2, 1, 3).reshape(B, T, H * D)
 
 
-def attention_forward(q, k, v, q_offset=0, dropout=0.0, rng=None):
+def attention_forward(q, k, v, q_offset=0, dropout=0.0, rng=None, pad=None):
     """Causal scaled dot-product attention.
 
-    q [B, H, Tq, D] are positions q_offset .. q_offset + Tq - 1; k, v [B, H, Tk, D] are positions 0 .. Tk - 1
-    (Tk = q_offset + Tq; q_offset > 0 when keys come from a KV cache). Query i sees keys j <= q_offset + i.
-    Returns y [B, H, Tq, D] and the cache (att probabilities [B, H, Tq, Tk], dropout mask).
+    q [B, H, Tq, D] are columns q_offset .. q_offset + Tq - 1; k, v [B, H, Tk, D] are columns 0 .. Tk - 1
+    (Tk = q_offset + Tq; q_offset > 0 when keys come from a KV cache). Query i sees keys j <= q_offset + i,
+    and, with left padding pad [B], only keys j >= pad[b].
+    Returns y [B, H, Tq, D] and the cache (att probabilities [B, H, Tq, Tk], dropout mask, ...).
     """
-    scale = 1.0 / np.sqrt(q.shape[-1])  # a Python float: keeps float32 arrays float32 in numba
+    scale = 1.0 / math.sqrt(q.shape[-1])  # a Python float: keeps float32 arrays float32
+    kstart = np.zeros(q.shape[0], np.int64) if pad is None else pad.astype(np.int64)
     att = np.ascontiguousarray(q @ k.swapaxes(-1, -2))
-    K.causal_softmax_fwd(att, float(scale), q_offset)
+    K.causal_softmax_fwd(att, scale, q_offset, kstart)
     att_d, mask = dropout_forward(att, dropout, rng)
-    return att_d @ v, (att, mask, float(scale), q_offset)
+    return att_d @ v, (att, mask, scale, q_offset, kstart)
 
 
 def attention_backward(dy, q, k, v, cache):
     """dy [B, H, Tq, D] -> dq [B, H, Tq, D], dk, dv [B, H, Tk, D]."""
-    att, mask, scale, q_offset = cache
+    att, mask, scale, q_offset, kstart = cache
     att_d = att if mask is None else att * mask
     dv = att_d.swapaxes(-1, -2) @ dy
     datt = np.ascontiguousarray(dropout_backward(dy @ v.swapaxes(-1, -2), mask))
-    K.causal_softmax_bwd(datt, att, scale, q_offset)  # datt is now d(loss)/d(q k^T)
+    K.causal_softmax_bwd(datt, att, scale, q_offset, kstart)  # datt is now d(loss)/d(q k^T)
     dq = datt @ k
     dk = datt.swapaxes(-1, -2) @ q
     return dq, dk, dv

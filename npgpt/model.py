@@ -25,6 +25,7 @@ class KVCache:
         self.k = np.zeros(shape, dtype)
         self.v = np.zeros(shape, dtype)
         self.length = 0
+        self.pad = None  # [B] left-padding columns of each row (None: no padding)
 
     def extend(self, layer, k, v):
         """Store k, v [B, H, T, D] at the next T positions; return all keys and values so far."""
@@ -69,11 +70,13 @@ class GPT:
             self.grad.fill(0)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, idx, kv: KVCache | None = None, last_only: bool = False):
+    def forward(self, idx, kv: KVCache | None = None, last_only: bool = False, pad=None):
         """idx [B, T] token ids -> logits [B, T, V] (or [B, 1, V] with last_only). No state is kept for
-        a backward. With a KV cache, idx continues the cached sequence and the cache is extended."""
+        a backward. With a KV cache, idx continues the cached sequence and the cache is extended.
+        pad [B]: row b starts with pad[b] padding columns, which no position attends to (batches of
+        prompts of different lengths, left-padded); with a cache, set kv.pad instead."""
         idx = self._check_idx(idx, kv)
-        x = self._body(idx, kv=kv)
+        x = self._body(idx, kv=kv, pad=pad)
         if last_only:
             x = x[:, -1:]
         return x @ self.params["wte.weight"].T
@@ -106,14 +109,16 @@ class GPT:
             raise NpgptError(f"token id out of range [0, {self.config.vocab_size})")
         return idx.astype(np.int64, copy=False)
 
-    def _body(self, idx, kv: KVCache | None = None, acts: dict | None = None):
+    def _body(self, idx, kv: KVCache | None = None, acts: dict | None = None, pad=None):
         """Embeddings and all blocks (and ln_f for pre-LN): idx [B, T] -> hidden states [B, T, C].
         When `acts` is a dict, every activation the backward needs is stored in it."""
         cfg, p = self.config, self.params
         eps, pdrop = cfg.layer_norm_eps, cfg.dropout
         rng = acts["rng"] if acts is not None else None
         pos0 = kv.length if kv is not None else 0
-        x = embedding_forward(idx, p["wte.weight"], p["wpe.weight"], pos0)
+        if kv is not None:
+            pad = kv.pad
+        x = embedding_forward(idx, p["wte.weight"], p["wpe.weight"], pos0, pad)
         x, emb_mask = dropout_forward(x, pdrop, rng)
         pre = cfg.ln == "pre"
         for l in range(cfg.n_layer):
@@ -128,7 +133,7 @@ class GPT:
             q, k, v = split_heads(qkv, cfg.n_head)
             if kv is not None:
                 k, v = kv.extend(l, k, v)
-            y, a["att"] = attention_forward(q, k, v, pos0, pdrop, rng)
+            y, a["att"] = attention_forward(q, k, v, pos0, pdrop, rng, pad)
             a["q"], a["k"], a["v"] = q, k, v
             a["y"] = y = merge_heads(y)
             out, a["drop_1"] = dropout_forward(

@@ -15,11 +15,18 @@ from .model import GPT, KVCache
 
 
 def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None) -> np.ndarray:
-    """logits [B, V] -> next token ids [B]. temperature 0 is greedy (argmax)."""
+                top_p: float | None = None, seen: np.ndarray | None = None,
+                repetition_penalty: float = 1.0) -> np.ndarray:
+    """logits [B, V] -> next token ids [B]. temperature 0 is greedy (argmax).
+
+    repetition_penalty > 1 (as in CTRL and transformers) divides positive and multiplies negative logits
+    of the tokens marked in seen [B, V] (those already in the row's sequence)."""
+    z = logits.astype(np.float64)
+    if repetition_penalty != 1.0 and seen is not None:
+        z = np.where(seen, np.where(z > 0, z / repetition_penalty, z * repetition_penalty), z)
     if temperature == 0:
-        return logits.argmax(axis=-1)
-    z = logits.astype(np.float64) / temperature
+        return z.argmax(axis=-1)
+    z = z / temperature
     if top_k is not None and 0 < top_k < z.shape[-1]:
         kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
         z = np.where(z < kth, -np.inf, z)
@@ -30,8 +37,7 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float
         # keep the smallest set of most likely tokens whose mass reaches top_p
         order = np.argsort(-probs, axis=-1)
         sorted_p = np.take_along_axis(probs, order, axis=-1)
-        cum = np.cumsum(sorted_p, axis=-1)
-        drop_sorted = cum - sorted_p >= top_p
+        drop_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p >= top_p
         drop = np.zeros_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
         probs = np.where(drop, 0.0, probs)
@@ -40,75 +46,137 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float
     return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1)
 
 
-def generate(model: GPT, prompt, max_new_tokens: int = 100, *, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, num_samples: int = 1, use_cache: bool = True,
-             on_token=None) -> np.ndarray:
-    """Continue `prompt` (token ids [T] or [B, T], or a str if the model has a tokenizer).
+def _rows(model: GPT, prompt, num_samples: int) -> list[np.ndarray]:
+    """Any accepted prompt form -> a list of 1-D int64 id arrays."""
+    def enc(p):
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise NpgptError("this model has no tokenizer; pass token ids")
+            return np.asarray(model.tokenizer.encode(p), np.int64)
+        return np.asarray(p, np.int64).reshape(-1)
 
-    Returns ids [B, T' + max_new_tokens] (prompt included; a prompt longer than the context is cropped
-    from the left to T' = block_size with a warning). `on_token(ids [B])` is called with every new token,
-    for streaming. num_samples > 1 repeats a single prompt.
-    """
-    if isinstance(prompt, str):
-        if model.tokenizer is None:
-            raise NpgptError("this model has no tokenizer; pass token ids")
-        prompt = model.tokenizer.encode(prompt)
-    idx = np.asarray(prompt, dtype=np.int64)
-    if idx.ndim == 1:
-        idx = np.repeat(idx[None], num_samples, axis=0)
-    if idx.shape[1] == 0:
+    if isinstance(prompt, np.ndarray) and prompt.ndim == 2:
+        rows = [enc(r) for r in prompt]
+    elif isinstance(prompt, str) or isinstance(prompt, np.ndarray) or \
+            all(isinstance(t, (int, np.integer)) for t in prompt):
+        rows = [enc(prompt)] * num_samples  # one prompt
+    else:
+        rows = [enc(p) for p in prompt]  # a batch
+    if not rows or any(len(r) == 0 for r in rows):
         raise NpgptError("the prompt is empty; give at least one token")
+    return rows
+
+
+def generate(model: GPT, prompt, max_new_tokens: int = 100, *, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, repetition_penalty: float = 1.0, stop: list[str] | None = None,
+             eos_id: int | None = None, seed: int | None = None, num_samples: int = 1, use_cache: bool = True,
+             on_token=None) -> list[np.ndarray]:
+    """Continue prompts with a KV cache; returns one 1-D id array per sequence (prompt + continuation).
+
+    prompt: a str or a list of ids (one prompt, repeated num_samples times), or a list of str / id lists /
+    a 2-D id array (a batch; lengths may differ: rows are left-padded and the padding is masked).
+    A prompt longer than the context is cropped from the left with a warning. A row stops early when it
+    emits eos_id or its decoded continuation contains one of the `stop` strings (the returned ids then
+    end with the token that completed it; decode and cut at the stop string for text). `on_token(ids [B])`
+    is called with every new column of tokens, for streaming.
+    """
     if temperature < 0:
         raise NpgptError(f"temperature must be >= 0, got {temperature}")
+    if stop and model.tokenizer is None:
+        raise NpgptError("stop strings need a model with a tokenizer")
+    rows = _rows(model, prompt, num_samples)
     block = model.config.block_size
-    if idx.shape[1] > block:
-        print(f"warning: prompt of {idx.shape[1]} tokens is longer than the context ({block}); "
+    if max(len(r) for r in rows) > block:
+        print(f"warning: prompt of {max(len(r) for r in rows)} tokens is longer than the context ({block}); "
               f"keeping the last {block}", file=sys.stderr)
-        idx = idx[:, -block:]
+        rows = [r[-block:] for r in rows]
+    B, L = len(rows), max(len(r) for r in rows)
+    pad = np.array([L - len(r) for r in rows], np.int64)
+    out = np.zeros((B, L + max_new_tokens), np.int64)
+    for b, r in enumerate(rows):
+        out[b, pad[b]:L] = r
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = np.zeros((B, model.config.vocab_size), bool)
+        for b, r in enumerate(rows):
+            seen[b, r] = True
     rng = np.random.default_rng(seed)
-    B = idx.shape[0]
-    out = np.empty((B, idx.shape[1] + max_new_tokens), np.int64)
-    out[:, :idx.shape[1]] = idx
-    n = idx.shape[1]
+    end = np.full(B, L + max_new_tokens)
+    done = np.zeros(B, bool)
+    n = L
     cache = KVCache(model.config, B) if use_cache else None
-    logits = _prefill(model, out[:, :n], cache)
+    logits = _prefill(model, out[:, :n], pad, cache)
     for i in range(max_new_tokens):
-        nxt = sample_next(logits, rng, temperature, top_k, top_p)
+        nxt = sample_next(logits, rng, temperature, top_k, top_p, seen, repetition_penalty)
         out[:, n] = nxt
         n += 1
+        if seen is not None:
+            seen[np.arange(B), nxt] = True
         if on_token is not None:
             on_token(nxt)
-        if i == max_new_tokens - 1:
+        for b in np.flatnonzero(~done):
+            if (eos_id is not None and nxt[b] == eos_id) or \
+                    (stop and any(s in model.tokenizer.decode(out[b, L:n]) for s in stop)):
+                done[b], end[b] = True, n
+        if done.all() or i == max_new_tokens - 1:
             break
         if cache is None or cache.length >= block:
-            logits = _prefill(model, out[:, max(0, n - block):n], cache)  # slide the window
+            shift = max(0, n - block)  # slide the window: drop the oldest columns
+            logits = _prefill(model, out[:, shift:n], np.maximum(pad - shift, 0), cache)
         else:
             logits = model.forward(out[:, n - 1:n], kv=cache)[:, -1]
-    return out
+    return [out[b, pad[b]:min(end[b], n)] for b in range(B)]
 
 
-def _prefill(model: GPT, idx, cache: KVCache | None):
-    """Logits [B, V] of the last position of idx, (re)filling the cache from scratch."""
+def _prefill(model: GPT, idx, pad, cache: KVCache | None):
+    """Logits [B, V] of the last column of idx, (re)filling the cache from scratch."""
+    pad = pad if pad.any() else None
     if cache is not None:
-        cache.length = 0
-    return model.forward(idx, kv=cache, last_only=True)[:, -1]
+        cache.length, cache.pad = 0, pad
+        return model.forward(idx, kv=cache, last_only=True)[:, -1]
+    return model.forward(idx, last_only=True, pad=pad)[:, -1]
 
 
-def stream_text(model: GPT, out=None):
-    """An on_token callback for `generate` that writes the decoded text of sample 0 to `out` (stdout) as
-    it is produced, holding back while the tail is an incomplete multi-byte character."""
-    out = out or sys.stdout
-    tok = model.tokenizer
-    seen: list[int] = []
-    printed = [0]
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """text up to (not including) the first occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop or []) if i >= 0), default=len(text))
+    return text[:cut]
 
-    def on_token(nxt):
-        seen.append(int(nxt[0]))
-        text = tok.decode(seen)
+
+class TextStream:
+    """An on_token callback for `generate` that writes the decoded continuation of row 0 to `out`
+    (stdout) as it is produced. It holds back an incomplete multi-byte character and any tail that could
+    still become a stop string, and writes nothing from the first stop string on. Call close() at the
+    end to write what was held back."""
+
+    def __init__(self, model: GPT, out=None, stop: list[str] | None = None):
+        self.tok, self.out = model.tokenizer, out or sys.stdout
+        self.stop = [s for s in (stop or []) if s]
+        self.ids: list[int] = []
+        self.printed = 0
+        self.stopped = False
+
+    def __call__(self, nxt):
+        if self.stopped:
+            return
+        self.ids.append(int(nxt[0]))
+        text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):
             return
-        out.write(text[printed[0]:])
-        out.flush()
-        printed[0] = len(text)
+        safe = cut_at_stop(text, self.stop)
+        if len(safe) < len(text):
+            self.stopped = True
+        else:  # hold back a tail that is a prefix of a stop string
+            hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            safe = text[:len(text) - hold]
+        self._write(safe)
 
-    return on_token
+    def close(self):
+        if not self.stopped:
+            self._write(cut_at_stop(self.tok.decode(self.ids), self.stop))
+
+    def _write(self, text):
+        if len(text) > self.printed:
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)

@@ -42,10 +42,11 @@ class Tokenizer:
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def encode_corpus(self, text: str, chunk_chars: int = 1 << 20) -> list[int]:
-        """Encode a large text in parallel chunks. Chunks are cut after a newline that is followed by a
-        non-space character, where the GPT-2 pre-tokenizer would cut anyway, so ids equal encode(text)."""
+        """Encode a large text in parallel chunks. Chunks are cut after a newline that has a non-space
+        character on both sides: the GPT-2 pre-tokenizer makes that newline a piece of its own, so the ids
+        equal encode(text). (A newline after another one would not do: "\n\n" is a single token.)"""
         pieces, start = [], 0
-        cut = re.compile(r"\n(?=\S)")
+        cut = re.compile(r"(?<=\S)\n(?=\S)")
         while start < len(text):
             end = min(start + chunk_chars, len(text))
             if end < len(text):

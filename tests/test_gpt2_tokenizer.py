@@ -161,3 +161,10 @@ def test_encode_corpus_equals_encode_on_mixed_text(tok):
     want = tok.encode(text)
     for chunk in (64, 1000, 1 << 20):
         assert tok.encode_corpus(text, chunk_chars=chunk) == want, chunk
+
+
+@pytest.mark.parametrize("text", ["a\n\nb", "a\n\n\n\nb", "x = 1\n\ny = 2\n"])
+def test_encode_corpus_cut_after_blank_line(tok, text):
+    # a chunk cut after the second "\n" of a blank line would glue "\n\n" into one token (628),
+    # where encode() gives "\n", "\n" (198, 198) because the line after it starts a new word
+    assert tok.encode_corpus(text, chunk_chars=1) == tok.encode(text)
