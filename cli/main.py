@@ -160,6 +160,37 @@ def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, repet
         click.echo()
 
 
+# ---------------------------------------------------------------- evaluation
+@cli.group(cls=_Group, name="eval")
+def eval_():
+    """Evaluate a model."""
+
+
+@eval_.command("perplexity")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--model", "model_dir", default=None, type=click.Path(), help="Checkpoint dir (default: the shipped model).")
+@click.option("--stride", default=None, type=click.IntRange(min=1), help="Window step (default: the context length).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@threads_option
+def eval_perplexity(file, model_dir, stride, as_json):
+    """Perplexity of a text FILE with a sliding window of the model's context."""
+    import json
+
+    import npgpt
+    from npgpt.assets import default_model_dir
+    from npgpt.data import read_text
+    from npgpt.evaluate import perplexity
+    text = read_text(file)
+    model = npgpt.load(model_dir or default_model_dir())
+    r = perplexity(model, text, stride=stride)
+    if as_json:
+        click.echo(json.dumps({"file": str(file), **r}))
+    else:
+        click.echo(f"perplexity {r['perplexity']:.4f}  nll {r['nll']:.4f} nats/token  "
+                   f"bits/byte {r['bits_per_byte']:.4f}  tokens {r['tokens']:,}  "
+                   f"(context {r['context']}, stride {r['stride']}, no BOS)")
+
+
 # ---------------------------------------------------------------- conversion
 @cli.command("convert-weights")
 @click.argument("src", type=click.Path())

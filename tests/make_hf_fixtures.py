@@ -72,6 +72,30 @@ def reference_outputs(model, cfg: dict, prompts) -> dict[str, np.ndarray]:
     return out
 
 
+PPL_TEXT = slice(5000, 8000)  # characters of the shipped corpus scored for perplexity
+PPL_STRIDE = 24
+
+
+def hf_perplexity(model, ids: np.ndarray, stride: int) -> float:
+    """Sliding-window perplexity with transformers: labels of tokens already scored are -100."""
+    import torch
+    block = model.config.n_positions
+    total, count, prev_end, begin = 0.0, 0, 0, 0
+    with torch.no_grad():
+        while True:
+            end = min(begin + block, len(ids))
+            x = torch.from_numpy(ids[begin:end][None])
+            labels = x.clone()
+            labels[0, :max(prev_end - begin, 0)] = -100
+            n = int((labels[0, 1:] != -100).sum())  # transformers shifts labels by one inside the model
+            total += float(model(x, labels=labels).loss) * n
+            count += n
+            if end == len(ids):
+                break
+            prev_end, begin = end, begin + stride
+    return float(np.exp(total / count))
+
+
 def train_tokenizer(d: Path, vocab_size: int):
     """A byte-level BPE (GPT-2 style vocab.json + merges.txt) small enough for the fixture's vocabulary."""
     from npgpt.tokenizer import Tokenizer
@@ -96,9 +120,13 @@ def main():
         model.save_pretrained(d, safe_serialization=True, max_shard_size=opts.get("max_shard_size", "2GB"))
         (d / "generation_config.json").unlink(missing_ok=True)
         model = model.float()  # reference numbers in float32, from the (possibly bf16-rounded) weights
+        ref = reference_outputs(model, kwargs, prompts_for(kwargs, seed=k))
         if opts.get("tokenizer"):
-            train_tokenizer(d, kwargs["vocab_size"])
-        save_file(reference_outputs(model, kwargs, prompts_for(kwargs, seed=k)), str(d / "expected.safetensors"))
+            tok = train_tokenizer(d, kwargs["vocab_size"])
+            text = (HERE.parent / "corpora" / "tinyshakespeare.txt").read_text()[PPL_TEXT]
+            ids = np.array(tok.encode(text), np.int64)
+            ref["ppl"] = np.array([hf_perplexity(model, ids, PPL_STRIDE)], np.float64)
+        save_file(ref, str(d / "expected.safetensors"))
         size = sum(f.stat().st_size for f in d.iterdir())
         print(f"{name}: {size / 1024:.0f} KiB", file=sys.stderr)
 

@@ -205,3 +205,44 @@ def test_golden_real_gpt2(tmp_path):
     ids = model.generate([464, 3290], 18, temperature=0)
     assert ids[0].tolist() == [464, 3290, 373, 1043, 287, 257, 2214, 1474, 262, 16246, 286, 2688, 290, 2688,
                                27262, 13, 198, 198, 464, 3290]
+
+
+# ---------------------------------------------------------------- perplexity
+def test_perplexity_matches_transformers_fixture(tmp_path):
+    from make_hf_fixtures import PPL_STRIDE, PPL_TEXT
+    from npgpt.evaluate import perplexity
+    model = npgpt.load(convert_hf(FIX / "l2h4c32", tmp_path / "np"))
+    text = (Path(__file__).resolve().parent.parent / "corpora" / "tinyshakespeare.txt").read_text()[PPL_TEXT]
+    r = perplexity(model, text, stride=PPL_STRIDE)
+    want = float(expected("l2h4c32")["ppl"][0])
+    assert abs(r["perplexity"] - want) / want < 1e-4
+    assert r["tokens"] == len(model.tokenizer.encode(text)) - 1  # every token but the first, once
+    assert r["bits_per_byte"] > 0
+
+
+@pytest.mark.parametrize("stride", [1, 17, 64])
+def test_perplexity_live_against_transformers(stride, tmp_path):
+    pytest.importorskip("transformers")
+    import torch
+    from make_hf_fixtures import SHAPES as FIXTURE_SHAPES, build, hf_perplexity
+    from npgpt.evaluate import perplexity
+    torch.set_num_threads(1)
+    kwargs = FIXTURE_SHAPES["l2h4c32"][0]
+    model = build(kwargs, seed=21)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    ours = npgpt.load(convert_hf(tmp_path / "hf", tmp_path / "np"))
+    ids = np.random.default_rng(stride).integers(0, kwargs["vocab_size"], 150)
+    want = hf_perplexity(model, ids, stride)
+    got = perplexity(ours, ids=ids, stride=stride)["perplexity"]
+    assert abs(got - want) / want < 1e-4
+
+
+def test_cli_eval_perplexity_json(tmp_path):
+    convert_hf(FIX / "l2h4c32", tmp_path / "np")
+    (tmp_path / "t.txt").write_text("To be, or not to be, that is the question.\n" * 5)
+    r = run_cli("eval", "perplexity", tmp_path / "t.txt", "--model", tmp_path / "np", "--stride", "32", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["stride"] == 32 and d["context"] == 64 and d["perplexity"] > 1 and d["tokens"] > 0
+    r = run_cli("eval", "perplexity", tmp_path / "t.txt", "--model", tmp_path / "np")
+    assert r.returncode == 0 and r.stdout.startswith("perplexity ")
