@@ -11,7 +11,6 @@ import math
 import numpy as np
 
 from .errors import NpgptError
-from .layers import cross_entropy_forward
 from .model import GPT
 
 
@@ -25,6 +24,15 @@ def sliding_windows(n_tokens: int, block: int, stride: int):
         if end == n_tokens:
             return
         prev_end, begin = end, begin + stride
+
+
+def nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Sum over rows with target >= 0 of -log softmax(logits)[target]; logits [N, V], targets [N]."""
+    keep = targets >= 0
+    z = logits[keep].astype(np.float64)
+    mx = z.max(-1, keepdims=True)
+    lse = np.log(np.exp(z - mx).sum(-1)) + mx[:, 0]
+    return float((lse - z[np.arange(len(z)), targets[keep]]).sum())
 
 
 def perplexity(model: GPT, text: str | None = None, ids=None, stride: int | None = None) -> dict:
@@ -50,8 +58,7 @@ def perplexity(model: GPT, text: str | None = None, ids=None, stride: int | None
         targets = ids[begin + 1:end].copy()
         targets[: first - (begin + 1)] = -1  # already scored by an earlier window
         n = int((targets >= 0).sum())
-        logits = model.forward(x[None])
-        total += cross_entropy_forward(logits[0], targets) * n
+        total += nll_sum(model.forward(x[None])[0], targets)
         count += n
     nll = total / count
     out = {"perplexity": math.exp(nll), "nll": nll, "tokens": count, "stride": stride, "context": block}

@@ -6,6 +6,11 @@ Conventions (as llm.c):
   the parameter-gradient buffers it is given, so weight tying and gradient accumulation need no extra code;
 - shapes: B batch, T time, C channels, H heads, D = C / H head size, V vocabulary, N = B * T rows.
 All functions follow the dtype of their inputs (float32 in the model, float64 in gradient checks).
+
+Forwards called with save=False (inference) take a NumPy path, picoGPT-style one-liners: they never
+import Numba, so generating text costs neither Numba's import time nor its ~65 MB of resident memory.
+With save=True (training) the Numba kernels compute the output and keep what the backward needs.
+The two paths are tested against each other.
 """
 from __future__ import annotations
 
@@ -13,7 +18,17 @@ import math
 
 import numpy as np
 
-from . import kernels as K
+
+
+class _LazyKernels:
+    """npgpt.kernels (and with it Numba), imported on first use."""
+
+    def __getattr__(self, name):
+        from . import kernels
+        return getattr(kernels, name)
+
+
+K = _LazyKernels()
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
 
@@ -40,8 +55,12 @@ def embedding_backward(dout, idx, dwte, dwpe, pos0=0):
 
 
 # ---------------------------------------------------------------- layernorm
-def layernorm_forward(x, w, b, eps):
+def layernorm_forward(x, w, b, eps, save=True):
     """x [..., C] -> (out [..., C], cache). Biased variance, as GPT-2. b may be None."""
+    if not save:
+        xc = x - x.mean(-1, keepdims=True)
+        out = xc * (1.0 / np.sqrt((xc * xc).mean(-1, keepdims=True) + eps)) * w
+        return (out if b is None else out + b), None
     shape = x.shape
     x2 = np.ascontiguousarray(x).reshape(-1, shape[-1])
     out = np.empty_like(x2)
@@ -80,8 +99,13 @@ def linear_backward(dout, x, w, dw, db):
 
 
 # ---------------------------------------------------------------- GELU (tanh approximation, as GPT-2)
-def gelu_forward(x):
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x, save=True):
     """x [...] -> gelu(x) [...]."""
+    if not save:
+        return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + 0.044715 * x * x * x)))
     x = np.ascontiguousarray(x)
     out = np.empty_like(x)
     K.gelu_fwd(x.reshape(-1), out.reshape(-1))
@@ -125,7 +149,7 @@ def merge_heads(y):
     return y.transpose(0, 2, 1, 3).reshape(B, T, H * D)
 
 
-def attention_forward(q, k, v, q_offset=0, dropout=0.0, rng=None, pad=None):
+def attention_forward(q, k, v, q_offset=0, dropout=0.0, rng=None, pad=None, save=True):
     """Causal scaled dot-product attention.
 
     q [B, H, Tq, D] are columns q_offset .. q_offset + Tq - 1; k, v [B, H, Tk, D] are columns 0 .. Tk - 1
@@ -135,10 +159,25 @@ def attention_forward(q, k, v, q_offset=0, dropout=0.0, rng=None, pad=None):
     """
     scale = 1.0 / math.sqrt(q.shape[-1])  # a Python float: keeps float32 arrays float32
     kstart = np.zeros(q.shape[0], np.int64) if pad is None else pad.astype(np.int64)
+    if not save:
+        return causal_softmax(q @ k.swapaxes(-1, -2) * scale, q_offset, kstart) @ v, None
     att = np.ascontiguousarray(q @ k.swapaxes(-1, -2))
     K.causal_softmax_fwd(att, scale, q_offset, kstart)
     att_d, mask = dropout_forward(att, dropout, rng)
     return att_d @ v, (att, mask, scale, q_offset, kstart)
+
+
+def causal_softmax(s, q_offset, kstart):
+    """NumPy path: s [B, H, Tq, Tk] scores -> probabilities over keys kstart[b] <= j <= q_offset + i;
+    masked entries are exactly 0 and a row with no key left is all zeros (never NaN)."""
+    Tq, Tk = s.shape[-2:]
+    j = np.arange(Tk)
+    keep = (j[None, None, :] <= q_offset + np.arange(Tq)[None, :, None]) & (j[None, None, :] >= kstart[:, None, None])
+    s = np.where(keep[:, None], s, -np.inf)
+    mx = s.max(-1, keepdims=True)
+    e = np.exp(s - np.where(np.isfinite(mx), mx, 0))
+    tot = e.sum(-1, keepdims=True)
+    return e / np.where(tot > 0, tot, 1)
 
 
 def attention_backward(dy, q, k, v, cache):

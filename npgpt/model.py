@@ -18,10 +18,12 @@ from .params import init_params, make_views, param_shapes
 
 
 class KVCache:
-    """Keys and values of every layer for positions 0 .. length - 1: k, v [L, B, H, block, D]."""
+    """Keys and values of every layer for positions 0 .. length - 1: k, v [L, B, H, room, D]."""
 
-    def __init__(self, cfg: GPTConfig, batch: int, dtype=np.float32):
-        shape = (cfg.n_layer, batch, cfg.n_head, cfg.block_size, cfg.head_dim)
+    def __init__(self, cfg: GPTConfig, batch: int, dtype=np.float32, length: int | None = None):
+        """Room for `length` positions (default and at most: the context)."""
+        length = min(length or cfg.block_size, cfg.block_size)
+        shape = (cfg.n_layer, batch, cfg.n_head, length, cfg.head_dim)
         self.k = np.zeros(shape, dtype)
         self.v = np.zeros(shape, dtype)
         self.length = 0
@@ -102,6 +104,8 @@ class GPT:
         if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
             raise NpgptError(f"token ids must be an integer array [B, T], got {idx.dtype} {idx.shape}")
         start = kv.length if kv is not None else 0
+        if kv is not None and start + idx.shape[1] > kv.k.shape[3]:
+            raise NpgptError(f"KV cache has room for {kv.k.shape[3]} positions, {start + idx.shape[1]} needed")
         if start + idx.shape[1] > self.config.block_size:
             raise NpgptError(f"sequence of {start + idx.shape[1]} tokens exceeds the context of "
                              f"{self.config.block_size}")
@@ -115,6 +119,7 @@ class GPT:
         cfg, p = self.config, self.params
         eps, pdrop = cfg.layer_norm_eps, cfg.dropout
         rng = acts["rng"] if acts is not None else None
+        save = acts is not None  # training: Numba kernels that keep what backward needs; else NumPy
         pos0 = kv.length if kv is not None else 0
         if kv is not None:
             pad = kv.pad
@@ -127,38 +132,38 @@ class GPT:
             # attention sublayer
             h = x
             if pre:
-                h, a["ln_1"] = layernorm_forward(x, w("ln_1.weight"), w("ln_1.bias"), eps)
+                h, a["ln_1"] = layernorm_forward(x, w("ln_1.weight"), w("ln_1.bias"), eps, save)
             a["attn_in"] = h
             qkv = linear_forward(h, w("attn.c_attn.weight"), w("attn.c_attn.bias"))
             q, k, v = split_heads(qkv, cfg.n_head)
             if kv is not None:
                 k, v = kv.extend(l, k, v)
-            y, a["att"] = attention_forward(q, k, v, pos0, pdrop, rng, pad)
+            y, a["att"] = attention_forward(q, k, v, pos0, pdrop, rng, pad, save)
             a["q"], a["k"], a["v"] = q, k, v
             a["y"] = y = merge_heads(y)
             out, a["drop_1"] = dropout_forward(
                 linear_forward(y, w("attn.c_proj.weight"), w("attn.c_proj.bias")), pdrop, rng)
             x = x + out
             if not pre:
-                x, a["ln_1"] = layernorm_forward(x, w("ln_1.weight"), w("ln_1.bias"), eps)
+                x, a["ln_1"] = layernorm_forward(x, w("ln_1.weight"), w("ln_1.bias"), eps, save)
             # MLP sublayer
             h = x
             if pre:
-                h, a["ln_2"] = layernorm_forward(x, w("ln_2.weight"), w("ln_2.bias"), eps)
+                h, a["ln_2"] = layernorm_forward(x, w("ln_2.weight"), w("ln_2.bias"), eps, save)
             a["mlp_in"] = h
             a["fc"] = f = linear_forward(h, w("mlp.c_fc.weight"), w("mlp.c_fc.bias"))
-            a["gelu"] = g = gelu_forward(f)
+            a["gelu"] = g = gelu_forward(f, save)
             out, a["drop_2"] = dropout_forward(
                 linear_forward(g, w("mlp.c_proj.weight"), w("mlp.c_proj.bias")), pdrop, rng)
             x = x + out
             if not pre:
-                x, a["ln_2"] = layernorm_forward(x, w("ln_2.weight"), w("ln_2.bias"), eps)
+                x, a["ln_2"] = layernorm_forward(x, w("ln_2.weight"), w("ln_2.bias"), eps, save)
             if acts is not None:
                 acts["layers"].append(a)
         if kv is not None:
             kv.length += idx.shape[1]
         if pre:
-            x, ln_f = layernorm_forward(x, p["ln_f.weight"], p.get("ln_f.bias"), eps)
+            x, ln_f = layernorm_forward(x, p["ln_f.weight"], p.get("ln_f.bias"), eps, save)
             if acts is not None:
                 acts["ln_f"] = ln_f
         if acts is not None:

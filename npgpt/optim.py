@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 
-from . import kernels as K
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, decay_iters: int) -> float:
@@ -48,6 +47,7 @@ class AdamW:
         self.t += 1
         bc1 = 1.0 - self.beta1 ** self.t
         bc2 = 1.0 - self.beta2 ** self.t
-        K.adamw_step(self.params, grad, self.m, self.v, self.decay, lr, self.beta1, self.beta2, self.eps,
+        from .kernels import adamw_step  # Numba is imported only by code that trains
+        adamw_step(self.params, grad, self.m, self.v, self.decay, lr, self.beta1, self.beta2, self.eps,
                      self.weight_decay, gscale, bc1, bc2)
         return norm

@@ -104,7 +104,7 @@ def generate(model: GPT, prompt, max_new_tokens: int = 100, *, temperature: floa
     end = np.full(B, L + max_new_tokens)
     done = np.zeros(B, bool)
     n = L
-    cache = KVCache(model.config, B) if use_cache else None
+    cache = KVCache(model.config, B, length=L + max_new_tokens) if use_cache else None
     logits = _prefill(model, out[:, :n], pad, cache)
     for i in range(max_new_tokens):
         nxt = sample_next(logits, rng, temperature, top_k, top_p, seen, repetition_penalty)

@@ -164,3 +164,25 @@ def test_dropout_forward_backward(rng):
     np.testing.assert_allclose(L.dropout_backward(np.ones_like(x), mask), mask)
     out, mask = L.dropout_forward(x, 0.25, None)  # evaluation: identity
     assert mask is None and out is x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_inference_path_matches_numba_training_path(rng, dtype):
+    """The forwards run on NumPy for inference (save=False) and on Numba kernels for training."""
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    x = rng.standard_normal((2, 5, 8)).astype(dtype)
+    w, b = rng.standard_normal(8).astype(dtype), rng.standard_normal(8).astype(dtype)
+    for bias in (b, None):
+        a, _ = L.layernorm_forward(x, w, bias, 1e-5, save=True)
+        c, _ = L.layernorm_forward(x, w, bias, 1e-5, save=False)
+        assert c.dtype == dtype and rel_err(c, a) < tol
+    # the kernel's constants are float32 literals (see kernels.py), hence 1e-7 even in float64
+    assert rel_err(L.gelu_forward(x * 4, save=False), L.gelu_forward(x * 4, save=True)) < max(tol, 1e-7)
+    assert L.gelu_forward(x, save=False).dtype == dtype
+    q, k, v = (rng.standard_normal((3, 2, 6, 4)).astype(dtype) for _ in range(3))
+    pad = np.array([0, 2, 5])
+    for off, pd in ((0, None), (0, pad), (2, pad)):
+        qq = q[:, :, off:]
+        a, _ = L.attention_forward(qq, k, v, off, pad=pd, save=True)
+        c, _ = L.attention_forward(qq, k, v, off, pad=pd, save=False)
+        assert c.dtype == dtype and rel_err(c, a) < tol and np.isfinite(c).all()
