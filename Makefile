@@ -28,6 +28,7 @@ test-ref: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[ref]"
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/decode.py
 
 # Regenerate the committed reference fixtures (needs torch).
 fixtures: $(STAMP)

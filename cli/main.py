@@ -142,15 +142,18 @@ def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, repet
     from npgpt.sampling import TextStream
     if prompt == "-":
         prompt = sys.stdin.read()
-    if prompt is None or prompt == "":
-        prompt = "\n"
     model = npgpt.load(model_dir or default_model_dir())
-    if model.tokenizer is None:
+    tok = model.tokenizer
+    if tok is None:
         raise click.ClickException(f"{model_dir} has no tokenizer; cannot generate text")
+    shown = prompt or ""
+    if not prompt:  # unconditional: start from <|endoftext|> (GPT-2) or a newline (char models)
+        prompt = [tok.eot_id] if tok.eot_id is not None else "\n"
+        shown = "" if tok.eot_id is not None else "\n"
     for i in range(num_samples):
         if num_samples > 1:
             click.echo(f"--- sample {i + 1} ---")
-        click.echo(prompt, nl=False)
+        click.echo(shown, nl=False)
         s = None if seed is None else seed + i
         stream = TextStream(model, stop=list(stop))
         model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -1,0 +1,120 @@
+"""GPT-2 124M inference on the CPU: prefill and decode tokens/s, npgpt vs transformers, and the
+memory-bandwidth bound measured in the same run.
+
+Random weights (speed does not depend on their values). Batch 1, float32, a 512-token prompt, 128 new
+tokens, `--threads` threads for both (default 2).
+
+    python benchmarks/decode.py [--threads N] [--new 128] [--prompt 512]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+import npgpt
+from npgpt.checkpoint import save_checkpoint
+from npgpt.config import preset
+from npgpt.model import GPT, KVCache
+
+CKPT = Path(__file__).resolve().parent.parent / "bench-out" / "gpt2-124m-random"
+
+
+def best(f, repeat=3):
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def stream_bandwidth() -> float:
+    """Bytes/s read from DRAM: a BLAS dot product over 1 GiB (too large for any cache)."""
+    a = np.ones(1 << 28, np.float32)
+    np.dot(a, a)
+    return a.nbytes / best(lambda: np.dot(a, a))
+
+
+def npgpt_figures(model: GPT, prompt: np.ndarray, n_new: int):
+    def prefill():
+        cache = KVCache(model.config, 1, length=prompt.shape[1] + n_new)
+        model.forward(prompt, kv=cache, last_only=True)
+        return cache
+
+    t_prefill = best(prefill)
+    cache = prefill()
+    tok = prompt[:, -1:]
+
+    def decode():
+        cache.length = prompt.shape[1]
+        for _ in range(n_new):
+            model.forward(tok, kv=cache, last_only=True)
+
+    return prompt.shape[1] / t_prefill, n_new / best(decode, 2)
+
+
+def transformers_figures(hf_dir: Path, prompt: np.ndarray, n_new: int, threads: int):
+    import torch
+    from transformers import GPT2LMHeadModel
+    torch.set_num_threads(threads)
+    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    x = torch.from_numpy(prompt)
+    tok = x[:, -1:]
+    with torch.inference_mode():
+        t_prefill = best(lambda: model(x, use_cache=True))
+
+        def decode():
+            past = model(x, use_cache=True).past_key_values  # the prompt's cache, not timed
+            t0 = time.perf_counter()
+            for _ in range(n_new):
+                past = model(tok, past_key_values=past, use_cache=True).past_key_values
+            return time.perf_counter() - t0
+
+        t_decode = min(decode() for _ in range(2))
+    return prompt.shape[1] / t_prefill, n_new / t_decode
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=512)
+    args = ap.parse_args()
+    npgpt.set_threads(args.threads)
+    if not (CKPT / "model.safetensors").is_file():
+        m = GPT(preset("gpt2-124m"), seed=0)
+        m.tokenizer = npgpt.Tokenizer.gpt2()
+        save_checkpoint(CKPT, m)
+        del m
+    model = npgpt.load(CKPT)
+    prompt = np.random.default_rng(0).integers(0, 50257, (1, args.prompt))
+    weight_bytes = model.flat.nbytes
+    bw = stream_bandwidth()
+    bound = bw / weight_bytes
+    pre, dec = npgpt_figures(model, prompt, args.new)
+    try:
+        import transformers  # noqa: F401
+        from npgpt.convert import export_hf
+        hf_dir = CKPT.parent / "gpt2-124m-random-hf"
+        if not (hf_dir / "model.safetensors").is_file():
+            export_hf(CKPT, hf_dir, force=True)
+        hf_pre, hf_dec = transformers_figures(hf_dir, prompt, args.new, args.threads)
+    except ImportError:
+        hf_pre = hf_dec = None
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if b else "n/a (transformers not installed)"
+
+    print(f"GPT-2 124M fp32, batch 1, {args.threads} threads; weights {weight_bytes / 1e6:.0f} MB; "
+          f"stream bandwidth {bw / 1e9:.1f} GB/s -> bound {bound:.1f} tok/s")
+    print(f"{'prefill (' + str(args.prompt) + ' tokens)':<28} npgpt {pre:8.1f} tok/s | transformers "
+          f"{hf_pre or 0:8.1f} tok/s | ratio {ratio(pre, hf_pre)}")
+    print(f"{'decode (' + str(args.new) + ' tokens)':<28} npgpt {dec:8.1f} tok/s | transformers "
+          f"{hf_dec or 0:8.1f} tok/s | ratio {ratio(dec, hf_dec)} | {dec / bound:.0%} of bandwidth bound")
+
+
+if __name__ == "__main__":
+    main()
