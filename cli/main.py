@@ -220,6 +220,18 @@ def export(model_dir, fmt, out, force):
     click.echo(f"wrote {out}")
 
 
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Checkpoint dir to quantize.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Dir for the int8 checkpoint.")
+@click.option("--force", is_flag=True, help="Overwrite a model in --out.")
+@threads_option
+def quantize(model_dir, out, force):
+    """Int8 weight-only quantization (one scale per output channel) for generate and eval."""
+    from npgpt.quant import quantize_model
+    r = quantize_model(model_dir, out, force=force)
+    click.echo(f"wrote {out}: {r['int8_bytes'] / 1e6:,.1f} MB (float32: {r['fp32_bytes'] / 1e6:,.1f} MB)")
+
+
 def main():
     cli(prog_name="npgpt")
 

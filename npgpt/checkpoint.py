@@ -251,10 +251,17 @@ def load_model(directory: str | Path, *, mmap: bool = True):
     config: GPTConfig = config_from_dict(cfg["model"])
     if not (d / "model.safetensors").is_file():
         raise NpgptError(f"{d} has no model.safetensors")
-    flat, _ = load_flat(d / "model.safetensors", param_shapes(config), mmap=mmap)
+    quant = cfg.get("quantization")
+    if quant:
+        from .quant import SCHEME, load_quantized_params
+        if quant.get("scheme") != SCHEME:
+            raise NpgptError(f"{d}: unknown quantization scheme {quant.get('scheme')!r}")
+        params = load_quantized_params(d / "model.safetensors", param_shapes(config))
+    else:
+        flat, _ = load_flat(d / "model.safetensors", param_shapes(config), mmap=mmap)
     tok = None
     if cfg.get("tokenizer"):
         tok = Tokenizer.load(d, cfg["tokenizer"]["kind"])
         if tok.vocab_size > config.vocab_size:
             raise NpgptError(f"{d}: tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}")
-    return GPT(config, flat, tokenizer=tok)
+    return GPT(config, params=params, tokenizer=tok) if quant else GPT(config, flat, tokenizer=tok)

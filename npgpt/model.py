@@ -45,9 +45,14 @@ class GPT:
     """
 
     def __init__(self, config: GPTConfig, flat: np.ndarray | None = None, *, seed: int = 0,
-                 dtype=np.float32, tokenizer=None):
+                 dtype=np.float32, tokenizer=None, params: dict | None = None):
         self.config = config.validate()
         self.shapes = param_shapes(config)
+        self.grad = self.grads = self._saved = None
+        self.tokenizer = tokenizer
+        if params is not None:  # inference-only weights (e.g. int8, see quant.py): no flat buffer
+            self.flat, self.params = None, params
+            return
         if flat is None:
             flat = init_params(config, seed=seed, dtype=dtype)
         n = sum(int(np.prod(s)) for _, s in self.shapes)
@@ -55,16 +60,14 @@ class GPT:
             raise NpgptError(f"parameter buffer has {flat.size} values, config needs {n}")
         self.flat = flat
         self.params = make_views(flat, self.shapes)
-        self.grad = None
-        self.grads = None
-        self.tokenizer = tokenizer
-        self._saved = None
 
     @property
     def num_params(self) -> int:
-        return self.flat.size
+        return sum(int(np.prod(s)) for _, s in self.shapes)
 
     def zero_grad(self):
+        if self.flat is None:
+            raise NpgptError("this model holds inference-only (quantized) weights and cannot be trained")
         if self.grad is None:
             self.grad = np.zeros_like(self.flat)
             self.grads = make_views(self.grad, self.shapes)

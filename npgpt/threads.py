@@ -1,14 +1,16 @@
 """One thread policy for BLAS and Numba together.
 
-BLAS (NumPy's OpenBLAS) runs the matrix products with `n` threads; Numba kernels run on the calling
-thread. They never run at the same time, so the machine is never oversubscribed: two pools that both
-busy-wait on 2 cores were measured to slow a training step 6x. Set with `set_threads(n)` or the CLI's
-`--threads N` (default: all cores).
+BLAS (NumPy's OpenBLAS) runs the float matrix products with `n` threads. The training kernels run on
+the calling thread, between BLAS calls; the only parallel Numba kernels (the int8 matmuls of a
+quantized model) use `n` threads where BLAS would otherwise run. The two pools never work at the same
+time, so the machine is never oversubscribed: two pools that both busy-wait on 2 cores were measured
+to slow a training step 6x. Set with `set_threads(n)` or the CLI's `--threads N` (default: all cores).
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 _blas = None
 
@@ -47,11 +49,22 @@ def set_threads(n: int | None = None) -> dict:
     blas = _openblas()
     if blas:
         blas[1](int(n))
+    if "numba" in sys.modules:  # already imported: resize its pool (up to the size it started with)
+        import numba
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    else:  # not imported (inference need not import it): size the pool it will start with
+        os.environ["NUMBA_NUM_THREADS"] = str(n)
     return thread_info()
 
 
 def thread_info() -> dict:
-    """{"blas": threads BLAS uses (None if unknown), "numba": threads a Numba kernel uses, "cores": cpu count}."""
+    """{"blas": BLAS threads (None if unknown), "numba": threads of the parallel (int8) kernels; the
+    training kernels use one, "cores": cpu count}."""
     import numpy  # noqa: F401
     blas = _openblas()
-    return {"blas": int(blas[0]()) if blas else None, "numba": 1, "cores": os.cpu_count()}
+    if "numba" in sys.modules:
+        import numba
+        nthreads = numba.get_num_threads()
+    else:
+        nthreads = int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count() or 1))
+    return {"blas": int(blas[0]()) if blas else None, "numba": nthreads, "cores": os.cpu_count()}

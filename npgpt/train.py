@@ -97,7 +97,7 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
     th = thread_info()
     if not quiet:
         print(f"npgpt train: {model.num_params:,} parameters, {mcfg.n_layer} layers x {mcfg.n_embd} wide, "
-              f"context {T}; batch {B} x {k} micro-batches; threads: BLAS {th['blas']}, Numba {th['numba']} "
+              f"context {T}; batch {B} x {k} micro-batches; threads: BLAS {th['blas']}, Numba kernels 1 "
               f"({th['cores']} cores)", file=stream)
         if resume:
             print(f"resuming from step {step}", file=stream)

@@ -1,0 +1,145 @@
+"""Int8 weight-only quantization: symmetric, one float32 scale per output channel.
+
+Every 2-D matrix that a matmul reads (attention and MLP weights, and the tied token embedding / LM
+head) is stored as int8 `q` with scales `s`, w ~ q * s. Biases, layernorms and the position embedding
+stay float32. At inference the Numba kernels in kernels.py multiply by the int8 weights directly,
+dequantizing on the fly, so a decode step reads a quarter of the bytes.
+
+`Int8Weight` stands in for the float matrix in the model's params dict: it supports `x @ w`, `w.T`
+(for the tied head) and `w[idx]` (embedding rows), so model.py runs unchanged on a quantized model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NpgptError
+
+SCHEME = "int8-per-channel"
+_SMALL = 8  # up to this many rows the int8 kernels run; more rows dequantize once and use BLAS
+
+
+class Int8Weight:
+    """An int8 matrix q [R, C] with float32 scales: per column (axis=1, a linear weight [in, out]) or
+    per row (axis=0, the embedding [V, C], whose rows are the LM head's output channels)."""
+
+    __array_ufunc__ = None  # make `ndarray @ Int8Weight` call our __rmatmul__
+
+    def __init__(self, q: np.ndarray, scale: np.ndarray, axis: int, transposed: bool = False):
+        self.q, self.scale, self.axis, self.transposed = q, scale, axis, transposed
+
+    @property
+    def shape(self):
+        return self.q.shape[::-1] if self.transposed else self.q.shape
+
+    @property
+    def nbytes(self):
+        return self.q.nbytes + self.scale.nbytes
+
+    dtype = np.dtype(np.float32)
+
+    @property
+    def T(self):
+        return Int8Weight(self.q, self.scale, self.axis, not self.transposed)
+
+    def dequantize(self) -> np.ndarray:
+        s = self.scale[None, :] if self.axis == 1 else self.scale[:, None]
+        w = self.q.astype(np.float32) * s
+        return w.T if self.transposed else w
+
+    def __getitem__(self, idx):
+        """Rows of the (untransposed) embedding: w[idx] -> float32 [..., C]."""
+        if self.axis != 0 or self.transposed:
+            raise TypeError("row lookup is only defined for an embedding quantized per row")
+        return self.q[idx].astype(np.float32) * self.scale[idx][..., None]
+
+    def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
+        """x [..., K] @ self [K, M] -> [..., M] float32."""
+        from . import kernels as K
+        x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+        if x2.shape[0] > _SMALL:
+            out = x2 @ self.dequantize()
+        elif self.axis == 1 and not self.transposed:  # linear: y = (x @ q) * s
+            out = np.empty((x2.shape[0], self.q.shape[1]), np.float32)
+            K.int8_matmul_cols(x2, self.q, self.scale, out, K.nb.get_num_threads())
+        elif self.axis == 0 and self.transposed:  # tied head: y = x @ (q * s)^T
+            out = np.empty((x2.shape[0], self.q.shape[0]), np.float32)
+            K.int8_matmul_rows(x2, self.q, self.scale, out)
+        else:
+            out = x2 @ self.dequantize()
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def quantize_matrix(w: np.ndarray, axis: int) -> Int8Weight:
+    """Symmetric int8: scale = max|w| / 127 over each channel of `axis` (1: per column, 0: per row)."""
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).max(axis=1 - axis)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    s = scale[None, :] if axis == 1 else scale[:, None]
+    q = np.clip(np.rint(w / s), -127, 127).astype(np.int8)
+    return Int8Weight(q, scale, axis)
+
+
+def quantized_names(shapes) -> dict[str, int]:
+    """{name: axis} of the parameters that are quantized."""
+    out = {}
+    for name, shape in shapes:
+        if name == "wte.weight":
+            out[name] = 0
+        elif len(shape) == 2 and name.startswith("h."):
+            out[name] = 1
+    return out
+
+
+def quantize_model(model_dir: str | Path, out: str | Path, *, force: bool = False) -> dict:
+    """Write an int8 copy of a checkpoint dir to `out`. Returns {"fp32_bytes", "int8_bytes"}."""
+    from .checkpoint import atomic_write_json, load_model, read_config, write_safetensors
+    src, out = Path(model_dir), Path(out)
+    cfg = read_config(src)
+    if cfg.get("quantization"):
+        raise NpgptError(f"{src} is already quantized")
+    if (out / "model.safetensors").exists() and not force:
+        raise NpgptError(f"{out} already holds a model; use --force to overwrite it")
+    model = load_model(src)
+    axes = quantized_names(model.shapes)
+    tensors = []
+    for name, _ in model.shapes:
+        if name in axes:
+            qw = quantize_matrix(model.params[name], axes[name])
+            tensors += [(name + ".q", qw.q), (name + ".scale", qw.scale)]
+        else:
+            tensors.append((name, np.ascontiguousarray(model.params[name], np.float32)))
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "model.safetensors", tensors, {"format": "npgpt", "quantization": SCHEME})
+    if model.tokenizer is not None:
+        model.tokenizer.save(out)
+    atomic_write_json(out / "config.json", {
+        "model": cfg["model"], "tokenizer": cfg.get("tokenizer"),
+        "quantization": {"scheme": SCHEME, "source": str(src)},
+        "provenance": {**cfg.get("provenance", {}), "quantized_from": str(src)}})
+    return {"fp32_bytes": model.flat.nbytes, "int8_bytes": sum(t.nbytes for _, t in tensors)}
+
+
+def load_quantized_params(path: Path, shapes) -> dict:
+    """The params dict of an int8 checkpoint: float32 arrays and Int8Weight matrices (memory-mapped)."""
+    from .checkpoint import load_safetensors
+    tensors, _ = load_safetensors(path, mmap=True)
+    axes = quantized_names(shapes)
+    params = {}
+    for name, shape in shapes:
+        if name in axes:
+            q, s = tensors.get(name + ".q"), tensors.get(name + ".scale")
+            if q is None or s is None or q.dtype != np.int8 or tuple(q.shape) != tuple(shape) or \
+                    s.shape != (shape[axes[name]],):
+                raise NpgptError(f"{path}: quantized tensor {name} is missing or does not match the config")
+            params[name] = Int8Weight(q, s, axes[name])
+        else:
+            t = tensors.get(name)
+            if t is None or tuple(t.shape) != tuple(shape):
+                raise NpgptError(f"{path}: tensor {name} is missing or does not match the config")
+            params[name] = t
+    return params
+
+
+__all__ = ["Int8Weight", "quantize_matrix", "quantize_model", "load_quantized_params", "SCHEME"]

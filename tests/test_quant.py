@@ -1,0 +1,60 @@
+"""Int8 weight-only quantization: kernels against the dequantized matmul, quality, the checkpoint."""
+import numpy as np
+import pytest
+
+import npgpt
+from npgpt.convert import convert_hf
+from npgpt.errors import NpgptError
+from npgpt.evaluate import perplexity
+from npgpt.quant import Int8Weight, quantize_matrix, quantize_model
+
+from conftest import CORPUS, run_cli
+from test_hf import FIX
+
+
+@pytest.mark.parametrize("n", [1, 3, 20])
+def test_int8_matmuls_equal_dequantized_matmul(n):
+    rng = np.random.default_rng(0)
+    w = quantize_matrix(rng.standard_normal((48, 80)).astype(np.float32), axis=1)
+    x = rng.standard_normal((n, 48)).astype(np.float32)
+    np.testing.assert_allclose(x @ w, x @ w.dequantize(), rtol=1e-4, atol=1e-4)
+    e = quantize_matrix(rng.standard_normal((90, 48)).astype(np.float32), axis=0)  # an embedding / head
+    np.testing.assert_allclose(x @ e.T, x @ e.dequantize().T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(e[[3, 5]], e.dequantize()[[3, 5]])
+
+
+def test_quantization_error_is_per_channel():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 32)).astype(np.float32) * np.linspace(0.01, 10, 32, dtype=np.float32)
+    q = quantize_matrix(w, axis=1)
+    assert q.q.dtype == np.int8 and q.scale.shape == (32,)
+    err = np.abs(q.dequantize() - w).max(axis=0)
+    assert np.all(err <= q.scale / 2 + 1e-6)  # rounding error at most half a step of its own channel
+
+
+def test_quantized_gpt2_fixture_perplexity_within_one_percent(tmp_path):
+    fp = convert_hf(FIX / "l2h4c32", tmp_path / "fp32")
+    r = quantize_model(fp, tmp_path / "int8")
+    assert r["int8_bytes"] < 0.4 * r["fp32_bytes"]
+    a, b = npgpt.load(fp), npgpt.load(tmp_path / "int8")
+    assert isinstance(b.params["h.0.mlp.c_fc.weight"], Int8Weight)
+    text = CORPUS.read_text()[20_000:24_000]
+    pa, pb = perplexity(a, text, stride=32)["perplexity"], perplexity(b, text, stride=32)["perplexity"]
+    assert abs(pb - pa) / pa < 0.01, (pa, pb)
+    np.testing.assert_array_equal(a.generate([5, 6, 7], 10, temperature=0)[0][:6],
+                                  b.generate([5, 6, 7], 10, temperature=0)[0][:6])
+
+
+def test_cli_quantize_then_generate_and_refusals(tmp_path):
+    fp = convert_hf(FIX / "l2h4c32", tmp_path / "fp32")
+    r = run_cli("quantize", "--model", fp, "--out", tmp_path / "int8")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("generate", "To be", "--model", tmp_path / "int8", "-n", "8", "--seed", "0")
+    assert r.returncode == 0 and r.stdout.startswith("To be"), r.stderr
+    r = run_cli("quantize", "--model", tmp_path / "int8", "--out", tmp_path / "again")
+    assert r.returncode != 0 and "already quantized" in r.stderr
+    with pytest.raises(NpgptError, match="cannot be trained"):
+        npgpt.load(tmp_path / "int8").zero_grad()
+    with pytest.raises(NpgptError, match="cannot be exported"):
+        from npgpt.convert import export_hf
+        export_hf(tmp_path / "int8", tmp_path / "hf")
