@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[ref]"
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/startup.py
 
 # Regenerate the committed reference fixtures (needs torch).
 fixtures: $(STAMP)

@@ -38,6 +38,21 @@ def stream_bandwidth() -> float:
     return a.nbytes / best(lambda: np.dot(a, a))
 
 
+def sgemm_flops() -> float:
+    """FLOP/s of NumPy's BLAS on a prefill-like product: [512, 768] @ [768, 3072]."""
+    a = np.random.default_rng(0).standard_normal((512, 768), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((768, 3072), dtype=np.float32)
+    return 2 * 512 * 768 * 3072 / best(lambda: a @ b, 5)
+
+
+def prefill_flops_per_token(cfg, T: int) -> float:
+    """Matmul FLOPs per prompt token: weights (2 per multiply-add), causal attention, last-token head."""
+    C, L = cfg.n_embd, cfg.n_layer
+    weights = 2 * L * (C * 3 * C + C * C + 2 * C * cfg.d_ff)
+    attention = 2 * L * 2 * C * (T + 1) / 2  # q k^T and att v over the causal half, on average
+    return weights + attention + 2 * C * cfg.vocab_size / T
+
+
 def npgpt_figures(model: GPT, prompt: np.ndarray, n_new: int):
     def prefill():
         cache = KVCache(model.config, 1, length=prompt.shape[1] + n_new)
@@ -89,12 +104,20 @@ def main():
         m.tokenizer = npgpt.Tokenizer.gpt2()
         save_checkpoint(CKPT, m)
         del m
+    int8_dir = CKPT.parent / "gpt2-124m-random-int8"
+    if not (int8_dir / "model.safetensors").is_file():
+        from npgpt.quant import quantize_model
+        quantize_model(CKPT, int8_dir, force=True)
     model = npgpt.load(CKPT)
     prompt = np.random.default_rng(0).integers(0, 50257, (1, args.prompt))
     weight_bytes = model.flat.nbytes
     bw = stream_bandwidth()
     bound = bw / weight_bytes
+    flops = sgemm_flops()
     pre, dec = npgpt_figures(model, prompt, args.new)
+    q8 = npgpt.load(int8_dir)
+    q8_bytes = sum(getattr(p, "nbytes", 0) for p in q8.params.values())
+    q8_pre, q8_dec = npgpt_figures(q8, prompt, args.new)
     try:
         import transformers  # noqa: F401
         from npgpt.convert import export_hf
@@ -114,6 +137,12 @@ def main():
           f"{hf_pre or 0:8.1f} tok/s | ratio {ratio(pre, hf_pre)}")
     print(f"{'decode (' + str(args.new) + ' tokens)':<28} npgpt {dec:8.1f} tok/s | transformers "
           f"{hf_dec or 0:8.1f} tok/s | ratio {ratio(dec, hf_dec)} | {dec / bound:.0%} of bandwidth bound")
+    print(f"{'prefill vs sgemm':<28} npgpt {pre * prefill_flops_per_token(model.config, args.prompt) / 1e9:8.1f} "
+          f"GFLOP/s | sgemm {flops / 1e9:.1f} GFLOP/s | {pre * prefill_flops_per_token(model.config, args.prompt) / flops:.0%}")
+    print(f"{'decode int8':<28} npgpt {q8_dec:8.1f} tok/s | transformers {hf_dec or 0:8.1f} tok/s | ratio "
+          f"{ratio(q8_dec, hf_dec)} | {q8_dec / dec:.2f}x npgpt fp32 | weights {q8_bytes / 1e6:.0f} MB, "
+          f"bound {bw / q8_bytes:.0f} tok/s")
+    print(f"{'prefill int8':<28} npgpt {q8_pre:8.1f} tok/s | ratio vs transformers fp32 {ratio(q8_pre, hf_pre)}")
 
 
 if __name__ == "__main__":
