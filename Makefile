@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/startup.py
+	$(BIN)/python benchmarks/attention.py
 
 # Regenerate the committed reference fixtures (needs torch).
 fixtures: $(STAMP)
