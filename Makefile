@@ -31,6 +31,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/attention.py
+	$(BIN)/python benchmarks/matmul.py
+	$(BIN)/python benchmarks/breakdown.py
 
 # Regenerate the committed reference fixtures (needs torch).
 fixtures: $(STAMP)

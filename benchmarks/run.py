@@ -64,6 +64,27 @@ def bench_train_torch(cfg: GPTConfig, B: int, steps: int, warmup: int = 3) -> fl
     return B * cfg.block_size * steps / (time.perf_counter() - t0)
 
 
+RSS_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[3])
+import run
+from npgpt.config import GPTConfig
+kw, B, _ = run.TRAIN_CONFIGS[sys.argv[2]]
+cfg = GPTConfig(vocab_size=65, **kw)
+(run.bench_train_npgpt if sys.argv[1] == "npgpt" else run.bench_train_torch)(cfg, B, 3, warmup=1)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024)
+"""
+
+
+def peak_rss_mb(which: str, config: str) -> float:
+    """Peak resident MB of a fresh process running a few training steps."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, which, config, str(Path(__file__).parent)],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.split()[-1])
+
+
 def line(name, ours, peer, unit, peer_name="torch"):
     ratio = f"{ours / peer:.2f}x" if peer else "n/a"
     peer_s = f"{peer:,.0f} {unit}" if peer else "not installed"
@@ -91,6 +112,10 @@ def main():
         ours = bench_train_npgpt(cfg, B, steps)
         peer = bench_train_torch(cfg, B, steps) if torch else None
         line(f"train {name} (B={B}, T={cfg.block_size})", ours, peer, "tok/s")
+        ours_mb = peak_rss_mb("npgpt", name)
+        peer_mb = peak_rss_mb("torch", name) if torch else None
+        print(f"{'peak RSS train ' + name:<32} npgpt {ours_mb:>10,.0f} MB    | torch {peer_mb or 0:>13,.0f} MB | "
+              f"npgpt/torch {ours_mb / peer_mb if peer_mb else float('nan'):.2f} (target <= 1)", flush=True)
     if "sample" in which:
         model = npgpt.load(ROOT / "weights" / "shakespeare-char")
         model.generate("ROMEO:", 5, seed=0)  # compile
