@@ -194,6 +194,81 @@ def eval_perplexity(file, model_dir, stride, as_json):
                    f"(context {r['context']}, stride {r['stride']}, no BOS)")
 
 
+def _print_result(r: dict, as_json: bool):
+    import json
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    protocol = {k: v for k, v in r.items() if not isinstance(v, float) or k in ("seed",)}
+    metrics = {k: v for k, v in r.items() if isinstance(v, float) and not k.endswith("_stderr")}
+    for k, v in metrics.items():
+        se = r.get(f"{k}_stderr")
+        click.echo(f"{k:<24} {v:.4f}" + (f" +- {se:.4f}" if se is not None else ""))
+    click.echo("protocol: " + ", ".join(f"{k}={v!r}" for k, v in protocol.items()))
+
+
+@eval_.command("choice")
+@click.argument("data", type=click.Path(dir_okay=False))
+@click.option("--model", "model_dir", default=None, type=click.Path(), help="Checkpoint dir (default: the shipped model).")
+@click.option("--shots", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--train", "train_file", default=None, type=click.Path(dir_okay=False),
+              help="Draw demonstrations from this file (default: the other items).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--template", default="{context}{choice}", show_default=True,
+              help="With {context} and {choice}; or one of: tldr, qa, translate.")
+@click.option("--separator", default="\n\n", show_default=True, help="Between demonstrations (escapes allowed).")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N items.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@threads_option
+def eval_choice(data, model_dir, shots, train_file, seed, template, separator, limit, as_json):
+    """Zero-/few-shot multiple choice: JSON lines {"context", "choices": [...], "label": i}."""
+    import npgpt
+    from npgpt.assets import default_model_dir
+    from npgpt.evaluate import eval_choice as run, read_jsonl
+    model = npgpt.load(model_dir or default_model_dir())
+    items = read_jsonl(data, ("context", "choices", "label"))
+    demos = read_jsonl(train_file, ("context", "choices", "label")) if train_file else None
+    sep = separator.encode().decode("unicode_escape")
+    _print_result({"data": str(data), **run(model, items, shots=shots, demos=demos, seed=seed, template=template,
+                                              separator=sep, limit=limit)}, as_json)
+
+
+@eval_.command("lambada")
+@click.argument("data", type=click.Path(dir_okay=False))
+@click.option("--model", "model_dir", default=None, type=click.Path(), help="Checkpoint dir (default: the shipped model).")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N items.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@threads_option
+def eval_lambada(data, model_dir, limit, as_json):
+    """LAMBADA last-word accuracy and perplexity: JSON lines {"text"}; the target is the last word."""
+    import npgpt
+    from npgpt.assets import default_model_dir
+    from npgpt.evaluate import eval_lambada as run, read_jsonl
+    model = npgpt.load(model_dir or default_model_dir())
+    _print_result({"data": str(data), **run(model, read_jsonl(data, ("text",)), limit=limit)}, as_json)
+
+
+@eval_.command("generate")
+@click.argument("data", type=click.Path(dir_okay=False))
+@click.option("--model", "model_dir", default=None, type=click.Path(), help="Checkpoint dir (default: the shipped model).")
+@click.option("--shots", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--template", default="qa", show_default=True, help="With {context} and {choice}; or tldr, qa, translate.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N items.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@threads_option
+def eval_generate(data, model_dir, shots, seed, template, max_new_tokens, limit, as_json):
+    """Exact match / F1 of greedy answers (stop at newline): JSON lines {"question" or "context", "answers"}."""
+    import npgpt
+    from npgpt.assets import default_model_dir
+    from npgpt.evaluate import eval_generate as run, read_jsonl
+    model = npgpt.load(model_dir or default_model_dir())
+    _print_result({"data": str(data), **run(model, read_jsonl(data, ("answers",)), shots=shots, seed=seed,
+                                              template=template, max_new_tokens=max_new_tokens, limit=limit)},
+                  as_json)
+
+
 # ---------------------------------------------------------------- conversion
 @cli.command("convert-weights")
 @click.argument("src", type=click.Path())
