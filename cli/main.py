@@ -163,6 +163,52 @@ def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, repet
         click.echo()
 
 
+# ---------------------------------------------------------------- fine-tuning (GPT-1)
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Pretrained checkpoint dir.")
+@click.option("--task", required=True, type=click.Choice(["classify", "entail", "similar", "choice"]))
+@click.option("--train", "train_file", required=True, type=click.Path(dir_okay=False), help="JSONL, CSV or TSV.")
+@click.option("--val", "val_file", required=True, type=click.Path(dir_okay=False), help="JSONL, CSV or TSV.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Dir for the best checkpoint.")
+@click.option("--force", is_flag=True, help="Overwrite a model in --out.")
+@click.option("--quiet", is_flag=True)
+@threads_option
+@click.pass_context
+def finetune(ctx, model_dir, task, train_file, val_file, out, force, quiet):
+    """GPT-1 fine-tuning with a linear head and an auxiliary LM loss. Override the GPT-1 defaults with
+    --learning_rate, --batch_size, --epochs, --warmup_fraction, --lm_coef, --clf_dropout, --seed ..."""
+    from npgpt.config import _coerce, parse_overrides
+    from npgpt.errors import NpgptError
+    from npgpt.finetune import FinetuneConfig, finetune as run
+    known = {f.name for f in __import__("dataclasses").fields(FinetuneConfig)}
+    values = {}
+    for k, v in parse_overrides(ctx.args).items():
+        k = k.replace("-", "_")
+        if k not in known:
+            raise NpgptError(f"override: unknown key {k!r}")
+        values[k] = _coerce(FinetuneConfig, k, v, "override")
+    r = run(model_dir, task, train_file, val_file, out, FinetuneConfig(**values), force=force, quiet=quiet)
+    click.echo(f"best: epoch {r['best']['epoch']}, val acc {r['best']['val_acc']:.4f} -> {out}")
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Fine-tuned checkpoint dir.")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write JSON lines here (default: stdout).")
+@threads_option
+def predict(model_dir, file, out):
+    """Predictions with class probabilities for a task file, one JSON line per record."""
+    import json
+
+    from npgpt.checkpoint import atomic_write_bytes
+    from npgpt.finetune import predict as run
+    lines = "".join(json.dumps(r) + "\n" for r in run(model_dir, file))
+    if out:
+        atomic_write_bytes(out, lines.encode())
+    else:
+        click.echo(lines, nl=False)
+
+
 # ---------------------------------------------------------------- evaluation
 @cli.group(cls=_Group, name="eval")
 def eval_():

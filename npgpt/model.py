@@ -100,6 +100,14 @@ class GPT:
         self._saved = acts
         return loss
 
+    @property
+    def hidden(self) -> np.ndarray:
+        """Final hidden states [B, T, C] of the last `loss()` call (after ln_f for pre-LN models): what
+        the LM head, and any task head, read."""
+        if self._saved is None:
+            raise RuntimeError("hidden needs a preceding loss() call")
+        return self._saved["xf"]
+
     def _check_idx(self, idx, kv):
         idx = np.asarray(idx)
         if idx.ndim == 1:
@@ -174,9 +182,11 @@ class GPT:
         return x
 
     # ------------------------------------------------------------------ backward
-    def backward(self, dloss: float = 1.0):
+    def backward(self, dloss: float = 1.0, dhidden: np.ndarray | None = None):
         """Add dloss * d(loss)/d(params) of the last `loss()` call into self.grad (call zero_grad first).
-        Use dloss = 1/k for k accumulated micro-batches."""
+        Use dloss = 1/k for k accumulated micro-batches. dhidden [B, T, C], when given, is the gradient
+        of another objective with respect to `hidden` (a task head on the final hidden states); it is
+        added where the LM head's gradient enters."""
         acts = self._saved
         if acts is None:
             raise RuntimeError("backward() needs a preceding loss() call")
@@ -194,6 +204,8 @@ class GPT:
         g["wte.weight"] += dlogits.T @ xf
         dx = (dlogits @ wte).reshape(B, T, -1)
         del dlogits
+        if dhidden is not None:
+            dx += dhidden
         if pre:
             dx = layernorm_backward(dx, acts["ln_f"], p["ln_f.weight"], g["ln_f.weight"], g.get("ln_f.bias"))
         for l in reversed(range(cfg.n_layer)):

@@ -35,7 +35,10 @@ class Tokenizer:
         """str -> list of ids. Characters a char-level vocabulary lacks raise NpgptError."""
         if self.kind == "char":
             vocab = self.tk.get_vocab()
-            missing = sorted(set(text) - vocab.keys())
+            plain = text
+            for special in self.tk.get_added_tokens_decoder().values():  # e.g. fine-tuning's <|extract|>
+                plain = plain.replace(special.content, "")
+            missing = sorted(set(plain) - vocab.keys())
             if missing:
                 shown = ", ".join(repr(c) for c in missing[:5])
                 raise NpgptError(f"text has characters the model's vocabulary lacks: {shown}")

@@ -1,0 +1,360 @@
+"""GPT-1 fine-tuning: task heads on the final hidden state of an extract token, with an auxiliary LM loss.
+
+Input transformations (GPT-1, section 3.3), with three special tokens added to the vocabulary:
+  classify:  <start> text <extract>
+  entail:    <start> premise <delim> hypothesis <extract>
+  similar:   both orders, <start> a <delim> b <extract> and <start> b <delim> a <extract>; the two final
+             states are added before the linear head
+  choice:    <start> context <delim> answer_k <extract> for every candidate; a linear head gives each a
+             scalar score and a softmax runs across the candidates
+Loss = task cross-entropy + lm_coef * LM loss on the same sequences (lm_coef = 0.5 as GPT-1).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import atomic_write_json, load_model, load_safetensors, read_config, save_checkpoint, write_safetensors
+from .errors import NpgptError
+from .model import GPT
+from .optim import AdamW
+from .params import decay_mask, make_views
+
+TASKS = {"classify": ("text",), "entail": ("premise", "hypothesis"), "similar": ("a", "b"),
+         "choice": ("context", "choices")}
+SPECIALS = ("<|start|>", "<|delim|>", "<|extract|>")
+
+
+@dataclass
+class FinetuneConfig:
+    """GPT-1's fine-tuning defaults."""
+    learning_rate: float = 6.25e-5
+    batch_size: int = 32
+    epochs: int = 3
+    warmup_fraction: float = 0.002   # then linear decay to 0
+    lm_coef: float = 0.5
+    clf_dropout: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- data
+def read_task_file(path, task: str) -> list[dict]:
+    """Labelled examples from JSON lines, CSV or TSV (named columns). Bad records name their line."""
+    if task not in TASKS:
+        raise NpgptError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise NpgptError(f"data file not found: {path}")
+    if path.suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [(n + 2, r) for n, r in enumerate(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))]
+        if task == "choice":
+            for n, r in rows:  # choices as columns choice0, choice1, ...
+                r["choices"] = [r[k] for k in sorted(r) if k.startswith("choice") and r[k]]
+                if "label" in r:
+                    try:
+                        r["label"] = int(r["label"])
+                    except ValueError:
+                        raise NpgptError(f"{path}:{n}: label must be an integer index") from None
+    else:
+        from .evaluate import read_jsonl
+        rows = [(r.pop("_line"), r) for r in read_jsonl(path)]
+    if not rows:
+        raise NpgptError(f"{path}: no records")
+    out = []
+    for n, r in rows:
+        for k in TASKS[task]:
+            if r.get(k) in (None, "", []):
+                raise NpgptError(f"{path}:{n}: missing field {k!r}")
+        if task == "choice":
+            if not isinstance(r["choices"], list) or len(r["choices"]) < 2:
+                raise NpgptError(f"{path}:{n}: choices must be a list of 2 or more")
+            if "label" in r and (not isinstance(r["label"], int) or not 0 <= r["label"] < len(r["choices"])):
+                raise NpgptError(f"{path}:{n}: label {r['label']!r} is out of range")
+        r["_line"] = n
+        out.append(r)
+    return out
+
+
+def label_set(examples: list[dict], path="data") -> list:
+    labels = sorted({str(e["label"]) for e in examples if "label" in e})
+    if len(labels) < 2:
+        raise NpgptError(f"{path}: need at least two distinct labels, found {labels}")
+    return labels
+
+
+# ---------------------------------------------------------------- vocabulary
+def add_special_tokens(model: GPT, seed: int = 0) -> tuple[GPT, dict[str, int]]:
+    """A writable copy of `model` whose tokenizer and embedding gain <|start|>, <|delim|>, <|extract|>
+    (new rows ~ N(0, init_std); the tied head grows with them). Existing ones are reused."""
+    tok = model.tokenizer
+    if tok is None:
+        raise NpgptError("fine-tuning needs a model with a tokenizer")
+    import tokenizers
+    tk = tokenizers.Tokenizer.from_str(tok.tk.to_str())
+    tk.add_special_tokens(list(SPECIALS))
+    from .tokenizer import Tokenizer
+    new_tok = Tokenizer(tk, tok.kind)
+    ids = {s: tk.token_to_id(s) for s in SPECIALS}
+    V = max(model.config.vocab_size, max(ids.values()) + 1)
+    cfg = dataclasses.replace(model.config, vocab_size=V)
+    new = GPT(cfg, seed=seed, dtype=model.flat.dtype, tokenizer=new_tok)
+    for name, _ in model.shapes:
+        if name == "wte.weight":
+            old = model.params[name]
+            new.params[name][:old.shape[0]] = old
+            rng = np.random.default_rng(seed)
+            new.params[name][old.shape[0]:] = rng.standard_normal((V - old.shape[0], cfg.n_embd)) * cfg.init_std
+        else:
+            new.params[name][...] = model.params[name]
+    return new, ids
+
+
+def encode_example(model: GPT, task: str, ex: dict, ids: dict[str, int]) -> list[list[int]]:
+    """The token sequences of one example (1, 2 for similar, or one per candidate for choice), each
+    ending in the extract token; the first text field is cut from the left to fit the context."""
+    enc = model.tokenizer.encode
+    S, D, E = ids["<|start|>"], ids["<|delim|>"], ids["<|extract|>"]
+    block = model.config.block_size
+
+    def fit(a, b=None):
+        if b is None:
+            room = block - 2
+            return [S] + a[-room:] + [E]
+        room = block - 3 - len(b)
+        if room < 1:
+            b = b[: block // 2]
+            room = block - 3 - len(b)
+        return [S] + a[-room:] + [D] + b + [E]
+
+    if task == "classify":
+        return [fit(enc(ex["text"]))]
+    if task == "entail":
+        return [fit(enc(ex["premise"]), enc(ex["hypothesis"]))]
+    if task == "similar":
+        a, b = enc(ex["a"]), enc(ex["b"])
+        return [fit(a, b), fit(b, a)]
+    return [fit(enc(ex["context"]), enc(c)) for c in ex["choices"]]
+
+
+# ---------------------------------------------------------------- the head and the loss
+class TaskHead:
+    """Linear head on extract-token states: W [C, K], b [K] in one flat buffer (K = 1 for choice)."""
+
+    def __init__(self, n_embd: int, n_out: int, seed: int = 0, dtype=np.float32, std: float = 0.02):
+        self.shapes = [("head.weight", (n_embd, n_out)), ("head.bias", (n_out,))]
+        self.flat = np.zeros(n_embd * n_out + n_out, dtype)
+        self.params = make_views(self.flat, self.shapes)
+        self.params["head.weight"][...] = np.random.default_rng(seed).standard_normal((n_embd, n_out)) * std
+        self.grad = np.zeros_like(self.flat)
+        self.grads = make_views(self.grad, self.shapes)
+
+
+def task_loss(task: str, h: np.ndarray, head: TaskHead, labels: np.ndarray, n_cand: int = 0,
+              drop_mask: np.ndarray | None = None):
+    """Cross-entropy of the task head on extract states h [N_seq, C].
+
+    classify/entail: one state per example; similar: two per example (added); choice: n_cand per example
+    (scores softmaxed across them). Returns (loss, probs [B, K], backward) where backward() adds into
+    head.grad and returns dh [N_seq, C]."""
+    W, b = head.params["head.weight"], head.params["head.bias"]
+    hd = h if drop_mask is None else h * drop_mask
+    if task == "similar":
+        z_in = hd[0::2] + hd[1::2]
+    else:
+        z_in = hd
+    z = z_in @ W + b                                # [B, K] or [B * n_cand, 1]
+    if task == "choice":
+        z = z.reshape(-1, n_cand)
+    z64 = z.astype(np.float64)
+    p = np.exp(z64 - z64.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    B = len(labels)
+    loss = float(-np.log(p[np.arange(B), labels] + 1e-300).mean())
+
+    def backward():
+        dz = p.copy()
+        dz[np.arange(B), labels] -= 1.0
+        dz = (dz / B).astype(h.dtype)
+        if task == "choice":
+            dz = dz.reshape(-1, 1)
+        head.grads["head.weight"] += z_in.T @ dz
+        head.grads["head.bias"] += dz.sum(0)
+        dz_in = dz @ W.T
+        dhd = np.repeat(dz_in, 2, axis=0) if task == "similar" else dz_in
+        return dhd if drop_mask is None else dhd * drop_mask
+
+    return loss, p, backward
+
+
+def batch_arrays(seqs: list[list[int]]):
+    """Right-padded ids [N, T], LM targets [N, T] (-1 on padding and after the extract token) and the
+    extract positions [N]. Causal attention never looks right, so right padding needs no mask."""
+    T = max(len(s) for s in seqs)
+    x = np.zeros((len(seqs), T), np.int64)
+    y = np.full((len(seqs), T), -1, np.int64)
+    pos = np.empty(len(seqs), np.int64)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = s
+        y[i, :len(s) - 2] = s[1:-1]  # predict the text, not the extract token
+        pos[i] = len(s) - 1
+    return x, y, pos
+
+
+def step_loss(model: GPT, head: TaskHead, task: str, examples_seqs, labels, *, lm_coef: float, train: bool,
+              rng=None, clf_dropout: float = 0.0):
+    """Forward (and, when train, backward into model.grad and head.grad) of one batch. Returns
+    (total loss, task loss, probs)."""
+    seqs = [s for ex in examples_seqs for s in ex]
+    n_cand = len(examples_seqs[0]) if task == "choice" else 0
+    x, y, pos = batch_arrays(seqs)
+    lm = model.loss(x, y, train=train, rng=rng)
+    h_all = model.hidden
+    h = h_all[np.arange(len(seqs)), pos]
+    mask = None
+    if train and clf_dropout > 0:
+        mask = (rng.random(h.shape) >= clf_dropout).astype(h.dtype) / (1.0 - clf_dropout)
+    tl, probs, back = task_loss(task, h, head, np.asarray(labels), n_cand, mask)
+    if train:
+        dh = back()
+        dhidden = np.zeros_like(h_all)
+        dhidden[np.arange(len(seqs)), pos] = dh
+        model.backward(lm_coef, dhidden=dhidden)
+    return tl + lm_coef * lm, tl, probs
+
+
+# ---------------------------------------------------------------- training
+def finetune(model_dir, task: str, train_file, val_file, out_dir, cfg: FinetuneConfig | None = None,
+             *, force: bool = False, quiet: bool = False, stream=None) -> dict:
+    """Fine-tune a checkpoint on a labelled task; keeps the checkpoint with the best validation accuracy
+    in `out_dir`. Returns the history {"epochs": [...], "best": {...}}."""
+    cfg = cfg or FinetuneConfig()
+    stream = stream or sys.stderr
+    out = Path(out_dir)
+    if (out / "model.safetensors").exists() and not force:
+        raise NpgptError(f"{out} already holds a model; use --force to overwrite it")
+    train, val = read_task_file(train_file, task), read_task_file(val_file, task)
+    labels = list(range(len(train[0]["choices"]))) if task == "choice" else label_set(train, train_file)
+    index = {str(l): i for i, l in enumerate(labels)}
+    for ex in train + val:
+        if task != "choice" and str(ex.get("label")) not in index:
+            raise NpgptError(f"line {ex['_line']}: label {ex.get('label')!r} is not one of the training labels")
+        if task == "choice" and len(ex["choices"]) != len(labels):
+            raise NpgptError(f"line {ex['_line']}: every item needs {len(labels)} choices")
+    base = load_model(model_dir)
+    if base.flat is None:
+        raise NpgptError("a quantized model cannot be fine-tuned")
+    model, ids = add_special_tokens(base, cfg.seed)
+    head = TaskHead(model.config.n_embd, 1 if task == "choice" else len(labels), seed=cfg.seed)
+    enc_train = [encode_example(model, task, ex, ids) for ex in train]
+    enc_val = [encode_example(model, task, ex, ids) for ex in val]
+    y_train = np.array([ex["label"] if task == "choice" else index[str(ex["label"])] for ex in train])
+    y_val = np.array([ex["label"] if task == "choice" else index[str(ex["label"])] for ex in val])
+
+    opt = AdamW(model.flat, decay_mask(model.config), weight_decay=cfg.weight_decay)
+    hopt = AdamW(head.flat, np.array([1] * head.params["head.weight"].size + [0] * head.params["head.bias"].size,
+                                     np.uint8), weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_fraction * total))
+    rng = np.random.default_rng(cfg.seed)
+    history, best, step = [], None, 0
+    for epoch in range(cfg.epochs):
+        order = rng.permutation(len(train))
+        losses = []
+        for b0 in range(0, len(train), cfg.batch_size):
+            idx = order[b0:b0 + cfg.batch_size]
+            lr = cfg.learning_rate * (step + 1) / warmup if step < warmup else \
+                cfg.learning_rate * max(0.0, (total - step) / max(1, total - warmup))
+            model.zero_grad()
+            head.grad.fill(0)
+            loss, _, _ = step_loss(model, head, task, [enc_train[i] for i in idx], y_train[idx], lm_coef=cfg.lm_coef,
+                                   train=True, rng=rng, clf_dropout=cfg.clf_dropout)
+            if not math.isfinite(loss):
+                raise NpgptError(f"loss became {loss} at epoch {epoch + 1}, step {step + 1}")
+            # one global norm over the model and the head, as one parameter set
+            norm = math.sqrt(float(np.dot(model.grad, model.grad)) + float(np.dot(head.grad, head.grad)))
+            scale = min(1.0, cfg.grad_clip / (norm + 1e-6)) if cfg.grad_clip > 0 else 1.0
+            if scale < 1.0:
+                model.grad *= scale
+                head.grad *= scale
+            opt.step(model.grad, lr)
+            hopt.step(head.grad, lr)
+            losses.append(loss)
+            step += 1
+        acc, f1, _ = evaluate_task(model, head, task, enc_val, y_val, len(labels))
+        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_acc": acc, "val_f1": f1}
+        history.append(rec)
+        if not quiet:
+            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}, val acc {acc:.4f}"
+                  + (f", val F1 {f1:.4f}" if f1 is not None else ""), file=stream, flush=True)
+        if best is None or acc > best["val_acc"]:
+            best = rec
+            save_finetuned(out, model, head, task, labels, ids, cfg, history)
+    return {"epochs": history, "best": best}
+
+
+def evaluate_task(model: GPT, head: TaskHead, task: str, enc, y, n_labels: int, batch: int = 32):
+    """(accuracy, F1 of class 1 for binary tasks else None, probs [N, K])."""
+    probs = []
+    for b0 in range(0, len(enc), batch):
+        _, _, p = step_loss(model, head, task, enc[b0:b0 + batch], y[b0:b0 + batch] if y is not None else
+                            np.zeros(len(enc[b0:b0 + batch]), np.int64), lm_coef=0.0, train=False)
+        probs.append(p)
+    probs = np.concatenate(probs)
+    if y is None:
+        return None, None, probs
+    pred = probs.argmax(-1)
+    acc = float((pred == y).mean())
+    f1 = None
+    if n_labels == 2 and task != "choice":
+        tp = float(((pred == 1) & (y == 1)).sum())
+        fp = float(((pred == 1) & (y == 0)).sum())
+        fn = float(((pred == 0) & (y == 1)).sum())
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return acc, f1, probs
+
+
+def save_finetuned(out: Path, model: GPT, head: TaskHead, task, labels, ids, cfg: FinetuneConfig, history):
+    save_checkpoint(out, model, provenance={"created_by": "npgpt finetune"})
+    write_safetensors(out / "head.safetensors", [(n, head.params[n]) for n, _ in head.shapes])
+    conf = read_config(out)
+    conf["finetune"] = {"task": task, "labels": labels, "special_tokens": ids, **dataclasses.asdict(cfg),
+                        "history": history}
+    atomic_write_json(out / "config.json", conf)
+
+
+def load_finetuned(model_dir) -> tuple[GPT, TaskHead, dict]:
+    model = load_model(model_dir)
+    conf = read_config(model_dir).get("finetune")
+    if not conf:
+        raise NpgptError(f"{model_dir} is not a fine-tuned model (no task head); run `npgpt finetune` first")
+    tensors, _ = load_safetensors(Path(model_dir) / "head.safetensors", mmap=False)
+    W = tensors["head.weight"]
+    head = TaskHead(W.shape[0], W.shape[1])
+    head.params["head.weight"][...] = W
+    head.params["head.bias"][...] = tensors["head.bias"]
+    return model, head, conf
+
+
+def predict(model_dir, data_file) -> list[dict]:
+    """Predictions with class probabilities for every record of a task file (labels optional)."""
+    model, head, conf = load_finetuned(model_dir)
+    task, labels, ids = conf["task"], conf["labels"], conf["special_tokens"]
+    examples = read_task_file(data_file, task)
+    enc = [encode_example(model, task, ex, ids) for ex in examples]
+    _, _, probs = evaluate_task(model, head, task, enc, None, len(labels))
+    return [{"line": ex["_line"], "prediction": labels[int(p.argmax())],
+             "probabilities": {str(l): float(q) for l, q in zip(labels, p)}} for ex, p in zip(examples, probs)]
+
+
+__all__ = ["FinetuneConfig", "finetune", "predict", "read_task_file", "add_special_tokens", "encode_example",
+           "task_loss", "step_loss", "TaskHead"]

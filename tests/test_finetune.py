@@ -1,0 +1,143 @@
+"""GPT-1 fine-tuning: input transformations, head and multiple-choice gradients against finite
+differences, learning a task, predict, bad data."""
+import json
+
+import numpy as np
+import pytest
+
+from npgpt.checkpoint import save_checkpoint
+from npgpt.config import GPTConfig
+from npgpt.errors import NpgptError
+from npgpt.finetune import (SPECIALS, TaskHead, add_special_tokens, encode_example, finetune, predict,
+                            read_task_file, step_loss, FinetuneConfig)
+from npgpt.model import GPT
+from npgpt.tokenizer import Tokenizer
+
+from conftest import run_cli
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz ?."
+
+
+def tiny(dtype=np.float32, seed=0):
+    tok = Tokenizer.train_char([ALPHABET])
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=24, vocab_size=tok.vocab_size)
+    return add_special_tokens(GPT(cfg, seed=seed, dtype=dtype, tokenizer=tok))
+
+
+def test_special_tokens_extend_the_vocabulary():
+    tok = Tokenizer.train_char([ALPHABET])
+    base = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=tok.vocab_size), seed=1,
+               tokenizer=tok)
+    model, ids = add_special_tokens(base)
+    V = tok.vocab_size
+    assert sorted(ids.values()) == [V, V + 1, V + 2] and model.config.vocab_size == V + 3
+    np.testing.assert_array_equal(model.params["wte.weight"][:V], base.params["wte.weight"])
+    x = np.array([[1, 2, 3]])
+    np.testing.assert_allclose(model.forward(x)[..., :V], base.forward(x), atol=1e-6)  # old logits unchanged
+    assert model.tokenizer.encode("<|extract|>") == [ids["<|extract|>"]]
+
+
+def test_input_transformations():
+    model, ids = tiny()
+    S, D, E = (ids[s] for s in SPECIALS)
+    enc = model.tokenizer.encode
+    assert encode_example(model, "classify", {"text": "ab"}, ids) == [[S] + enc("ab") + [E]]
+    assert encode_example(model, "entail", {"premise": "ab", "hypothesis": "c"}, ids) == [[S] + enc("ab") + [D] + enc("c") + [E]]
+    assert encode_example(model, "similar", {"a": "ab", "b": "c"}, ids) == [[S] + enc("ab") + [D] + enc("c") + [E],
+                                                                           [S] + enc("c") + [D] + enc("ab") + [E]]
+    seqs = encode_example(model, "choice", {"context": "q", "choices": ["x", "yz"]}, ids)
+    assert seqs == [[S] + enc("q") + [D] + enc("x") + [E], [S] + enc("q") + [D] + enc("yz") + [E]]
+    long = encode_example(model, "classify", {"text": "abcdefghijklmnopqrstuvwxyz"}, ids)[0]
+    assert len(long) == 24 and long[0] == S and long[-1] == E and long[-2] == enc("z")[0]  # cut from the left
+
+
+@pytest.mark.parametrize("task,examples,labels", [
+    ("classify", [{"text": "ab c"}, {"text": "ba"}, {"text": "cab a"}], [0, 1, 2]),
+    ("similar", [{"a": "ab", "b": "c"}, {"a": "b", "b": "ac"}], [1, 0]),
+    ("choice", [{"context": "q", "choices": ["x", "yz", "z"]}, {"context": "qq", "choices": ["a", "b", "cc"]}], [2, 0]),
+])
+def test_gradients_of_head_and_body_match_finite_differences(task, examples, labels):
+    model, ids = tiny(np.float64, seed=3)
+    model.flat[:] += np.random.default_rng(0).standard_normal(model.flat.size) * 0.1
+    head = TaskHead(16, 1 if task == "choice" else 3, seed=1, dtype=np.float64, std=0.5)
+    enc = [encode_example(model, task, ex, ids) for ex in examples]
+    y = np.array(labels)
+
+    def total():
+        return step_loss(model, head, task, enc, y, lm_coef=0.5, train=False)[0]
+
+    model.zero_grad()
+    head.grad.fill(0)
+    step_loss(model, head, task, enc, y, lm_coef=0.5, train=True, rng=np.random.default_rng(0))
+    h = 1e-6
+    rng = np.random.default_rng(1)
+    for flat, grad, idx in ((head.flat, head.grad, range(head.flat.size)),
+                            (model.flat, model.grad, rng.choice(model.flat.size, 60, replace=False))):
+        for i in idx:
+            old = flat[i]
+            flat[i] = old + h
+            lp = total()
+            flat[i] = old - h
+            lm = total()
+            flat[i] = old
+            assert abs((lp - lm) / (2 * h) - grad[i]) < 1e-6 * max(1.0, np.abs(grad).max()), (task, i)
+
+
+def write_jsonl(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def synthetic_sentiment(n, seed):
+    """Label 1 when the text contains 'z', else 0."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        words = ["".join(rng.choice(list("abcdefg"), 3)) for _ in range(3)]
+        label = int(rng.random() < 0.5)
+        if label:
+            words[rng.integers(0, 3)] = "zzz"
+        out.append({"text": " ".join(words), "label": ["neg", "pos"][label]})
+    return out
+
+
+def test_finetune_learns_a_task_and_predicts(tmp_path):
+    model, _ = tiny()
+    base = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=model.tokenizer.vocab_size - 3),
+               seed=0, tokenizer=Tokenizer.train_char([ALPHABET]))
+    save_checkpoint(tmp_path / "base", base)
+    train = write_jsonl(tmp_path / "train.jsonl", synthetic_sentiment(192, 0))
+    val = write_jsonl(tmp_path / "val.jsonl", synthetic_sentiment(64, 1))
+    cfg = FinetuneConfig(learning_rate=2e-3, batch_size=16, epochs=6, clf_dropout=0.0)
+    r = finetune(tmp_path / "base", "classify", train, val, tmp_path / "ft", cfg, quiet=True)
+    assert r["best"]["val_acc"] >= 0.9, r
+    assert r["best"]["val_f1"] is not None
+    preds = predict(tmp_path / "ft", val)
+    acc = np.mean([p["prediction"] == ex["label"] for p, ex in zip(preds, synthetic_sentiment(64, 1))])
+    assert acc == pytest.approx(r["best"]["val_acc"])
+    assert set(preds[0]["probabilities"]) == {"neg", "pos"}
+    res = run_cli("predict", "--model", tmp_path / "ft", val)
+    assert res.returncode == 0 and len(res.stdout.splitlines()) == 64, res.stderr
+
+
+@pytest.mark.parametrize("content,task,match", [
+    ('{"text": "ab"}\n', "classify", None),  # labels are optional for predict files
+    ('{"label": 1}\n', "classify", r":1: missing field 'text'"),
+    ('{"context": "q", "choices": ["a", "b"], "label": 3}\n', "choice", r":1: label 3 is out of range"),
+    ("", "classify", "no records"),
+])
+def test_bad_task_files(tmp_path, content, task, match):
+    f = tmp_path / "d.jsonl"
+    f.write_text(content)
+    if match is None:
+        assert read_task_file(f, task)[0]["text"] == "ab"
+    else:
+        with pytest.raises(NpgptError, match=match):
+            read_task_file(f, task)
+
+
+def test_csv_and_tsv(tmp_path):
+    (tmp_path / "d.tsv").write_text("premise\thypothesis\tlabel\nab\tc\tyes\n")
+    assert read_task_file(tmp_path / "d.tsv", "entail")[0]["hypothesis"] == "c"
+    (tmp_path / "d.csv").write_text("context,choice0,choice1,label\nq,a,b,1\n")
+    assert read_task_file(tmp_path / "d.csv", "choice")[0]["choices"] == ["a", "b"]
