@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-ref bench fixtures clean
+.PHONY: install demo test test-ref bench fixtures clean experiment-gpt1 experiment-fewshot
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,16 @@ bench: $(STAMP)
 # Regenerate the committed reference fixtures (needs torch).
 fixtures: $(STAMP)
 	$(BIN)/python tests/make_fixtures.py
+
+# GPT-1: pretraining + fine-tuning beats training on the labels alone (SST-2 is not shipped: point at it)
+SST2 ?= ../shared/data/sst2
+WARPEACE ?= ../shared/data/warpeace/warpeace_input.txt
+experiment-gpt1: $(STAMP)
+	$(BIN)/python examples/gpt1_sst2.py --sst2 $(SST2) --warpeace $(WARPEACE)
+
+# GPT-3: accuracy rises with the number of in-context demonstrations
+experiment-fewshot: $(STAMP)
+	$(BIN)/python examples/fewshot_icl.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

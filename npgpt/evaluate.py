@@ -170,8 +170,9 @@ def eval_choice(model: GPT, items: list[dict], *, shots: int = 0, demos: list[di
                 limit: int | None = None) -> dict:
     """Zero-/few-shot multiple choice: each item {"context", "choices", "label"} is scored by the
     log-likelihood of each choice after the (demonstrations +) context; accuracy under each
-    normalisation with its standard error. Demonstrations are drawn (seeded) from `demos`, or from the
-    other items when `demos` is None."""
+    normalisation with its standard error. Demonstrations are drawn (seeded) from the item's own
+    "demos" list when it has one (tasks whose rule changes per prompt), else from `demos`, else from the
+    other items."""
     tok = model.tokenizer
     if tok is None:
         raise NpgptError("this model has no tokenizer")
@@ -190,7 +191,7 @@ def eval_choice(model: GPT, items: list[dict], *, shots: int = 0, demos: list[di
     for i, it in enumerate(items):
         shot_text = ""
         if shots:
-            candidates = [d for d in pool if d is not it]
+            candidates = it["demos"] if "demos" in it else [d for d in pool if d is not it]
             if len(candidates) < shots:
                 raise NpgptError(f"{shots} shots requested but only {len(candidates)} demonstrations available")
             picks = rng.choice(len(candidates), shots, replace=False)
