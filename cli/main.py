@@ -31,7 +31,7 @@ def threads_option(f):
         set_threads(value)
         return value
     return click.option("--threads", type=click.IntRange(min=1), default=None, expose_value=False,
-                        callback=apply, is_eager=True, help="Threads for BLAS (default: all cores).")(f)
+                        callback=apply, is_eager=True, help="Threads for BLAS and parallel kernels (default: $NPGPT_THREADS or all cores).")(f)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

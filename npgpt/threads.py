@@ -42,10 +42,10 @@ def _openblas():
 
 
 def set_threads(n: int | None = None) -> dict:
-    """Use `n` threads for BLAS (default: all cores); Numba kernels stay single-threaded per call.
-    Returns what is in effect (see `thread_info`)."""
+    """Use `n` threads for BLAS and the parallel Numba kernels (default: $NPGPT_THREADS, else all
+    cores). Returns what is in effect (see `thread_info`)."""
     import numpy  # noqa: F401  (BLAS must be loaded to be found)
-    n = n or os.cpu_count() or 1
+    n = n or int(os.environ.get("NPGPT_THREADS", 0)) or os.cpu_count() or 1
     blas = _openblas()
     if blas:
         blas[1](int(n))
