@@ -65,17 +65,20 @@ def main():
     ap.add_argument("--out", default="runs/fewshot")
     ap.add_argument("--iters", type=int, default=1500)
     ap.add_argument("--items", type=int, default=300)
+    ap.add_argument("--retrain", action="store_true", help="train again even if --out holds a model")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "episodes.txt").write_text(corpus(4000, seed=0))
     t0 = time.time()
-    npgpt.prepare([out / "episodes.txt"], out / "data", "char", val_fraction=0.05, force=True)
+    if not (out / "data" / "meta.json").is_file() or args.retrain:
+        (out / "episodes.txt").write_text(corpus(4000, seed=0))
+        npgpt.prepare([out / "episodes.txt"], out / "data", "char", val_fraction=0.05, force=True)
     cmd = [sys.executable, "-m", "npgpt_cli.main", "train", "--data", str(out / "data"), "--out", str(out / "model"),
            "--force", "--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--block_size", "128",
            "--batch_size", "16", "--max_iters", str(args.iters), "--learning_rate", "2e-3", "--min_lr", "2e-4",
            "--warmup_iters", "50", "--eval_interval", "500", "--dropout", "0"]
-    subprocess.run(cmd, check=True)
+    if not (out / "model" / "model.safetensors").is_file() or args.retrain:
+        subprocess.run(cmd, check=True)
     t_train = time.time() - t0
     model = npgpt.load(out / "model")
     items = eval_items(args.items, seed=1)

@@ -187,7 +187,12 @@ def eval_choice(model: GPT, items: list[dict], *, shots: int = 0, demos: list[di
     items = items[:limit] if limit else items
     pool = demos if demos is not None else items
     correct = {k: [] for k in ("sum", "per_token", "per_char", "unconditional")}
-    uncond_prefix = tok.encode(UNCONDITIONAL_PREFIX)
+    uncond_prefix, skipped = None, None
+    if unconditional:
+        try:
+            uncond_prefix = tok.encode(UNCONDITIONAL_PREFIX)
+        except NpgptError:  # e.g. a character vocabulary without those letters
+            skipped = f"unconditional normalisation skipped: the tokenizer cannot encode {UNCONDITIONAL_PREFIX!r}"
     for i, it in enumerate(items):
         shot_text = ""
         if shots:
@@ -201,12 +206,14 @@ def eval_choice(model: GPT, items: list[dict], *, shots: int = 0, demos: list[di
         prefix = tok.encode(shot_text + before.format(context=it["context"]))
         conts = [tok.encode(c + after.format(context=it["context"])) for c in it["choices"]]
         lps = continuation_logprobs(model, prefix, conts)
-        unc = continuation_logprobs(model, uncond_prefix, conts) if unconditional else None
+        unc = continuation_logprobs(model, uncond_prefix, conts) if uncond_prefix is not None else None
         scores = choice_scores(lps, it["choices"], unc)
         for k, v in scores.items():
             correct[k].append(float(int(np.argmax(v)) == it["label"]))
     result = {"task": "choice", "n": len(items), "shots": shots, "seed": seed, "template": template,
               "separator": separator}
+    if skipped:
+        result["note"] = skipped
     for k, v in correct.items():
         if v:
             result[f"acc_{k}"] = float(np.mean(v))

@@ -141,3 +141,23 @@ def test_csv_and_tsv(tmp_path):
     assert read_task_file(tmp_path / "d.tsv", "entail")[0]["hypothesis"] == "c"
     (tmp_path / "d.csv").write_text("context,choice0,choice1,label\nq,a,b,1\n")
     assert read_task_file(tmp_path / "d.csv", "choice")[0]["choices"] == ["a", "b"]
+
+
+def test_cli_finetune_bad_data_names_the_line(tmp_path):
+    tok = Tokenizer.train_char([ALPHABET])
+    save_checkpoint(tmp_path / "base", GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16,
+                                                     vocab_size=tok.vocab_size), seed=0, tokenizer=tok))
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "ab", "label": "x"}, {"text": "ba", "label": "y"}])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ab", "label": "x"}\n{"txt": "ba", "label": "y"}\n')
+    r = run_cli("finetune", "--model", tmp_path / "base", "--task", "classify", "--train", bad, "--val", good,
+                "--out", tmp_path / "ft")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and ":2: missing field 'text'" in r.stderr
+    r = run_cli("finetune", "--model", tmp_path / "base", "--task", "classify", "--train", good, "--val", good,
+                "--out", tmp_path / "ft", "--epochs", "1", "--bogus", "1")
+    assert r.returncode != 0 and "unknown key 'bogus'" in r.stderr
+    r = run_cli("finetune", "--model", tmp_path / "base", "--task", "classify", "--train", good, "--val", good,
+                "--out", tmp_path / "ft", "--epochs", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["finetune"]["labels"] == ["x", "y"]
