@@ -14,6 +14,7 @@ from .layers import (attention_backward, attention_forward, cross_entropy_backwa
                      dropout_backward, dropout_forward, embedding_backward, embedding_forward, gelu_backward,
                      gelu_forward, layernorm_backward, layernorm_forward, linear_backward, linear_forward,
                      merge_heads, split_heads)
+from .malloc import keep_freed_memory
 from .params import init_params, make_views, param_shapes
 
 
@@ -192,6 +193,7 @@ class GPT:
             raise RuntimeError("backward() needs a preceding loss() call")
         if self.grad is None:
             self.zero_grad()
+            keep_freed_memory()  # training from here on: reuse freed temporaries (see malloc.py)
         cfg, p, g = self.config, self.params, self.grads
         eps = cfg.layer_norm_eps
         pre = cfg.ln == "pre"
