@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,3 +25,20 @@ def run_cli(*args, input=None, env=None, timeout=300):
     cmd = [sys.executable, "-m", "npgpt_cli.main", *map(str, args)]
     return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def numeric_grad(f, x, coords=None, h=1e-6):
+    """Central differences of the scalar f() with respect to elements of x (changed in place and
+    restored): the whole gradient shaped like x, or the values at the flat indices `coords`."""
+    flat = x.reshape(-1)
+    idx = range(flat.size) if coords is None else coords
+    out = np.zeros(len(idx))
+    for n, i in enumerate(idx):
+        old = flat[i]
+        flat[i] = old + h
+        fp = f()
+        flat[i] = old - h
+        fm = f()
+        flat[i] = old
+        out[n] = (fp - fm) / (2 * h)
+    return out.reshape(x.shape) if coords is None else out
