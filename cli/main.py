@@ -177,17 +177,10 @@ def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, repet
 def finetune(ctx, model_dir, task, train_file, val_file, out, force, quiet):
     """GPT-1 fine-tuning with a linear head and an auxiliary LM loss. Override the GPT-1 defaults with
     --learning_rate, --batch_size, --epochs, --warmup_fraction, --lm_coef, --clf_dropout, --seed ..."""
-    from npgpt.config import _coerce, parse_overrides
-    from npgpt.errors import NpgptError
+    from npgpt.config import apply_overrides, parse_overrides
     from npgpt.finetune import FinetuneConfig, finetune as run
-    known = {f.name for f in __import__("dataclasses").fields(FinetuneConfig)}
-    values = {}
-    for k, v in parse_overrides(ctx.args).items():
-        k = k.replace("-", "_")
-        if k not in known:
-            raise NpgptError(f"override: unknown key {k!r}")
-        values[k] = _coerce(FinetuneConfig, k, v, "override")
-    r = run(model_dir, task, train_file, val_file, out, FinetuneConfig(**values), force=force, quiet=quiet)
+    cfg = apply_overrides(FinetuneConfig(), parse_overrides(ctx.args))
+    r = run(model_dir, task, train_file, val_file, out, cfg, force=force, quiet=quiet)
     click.echo(f"best: epoch {r['best']['epoch']}, val acc {r['best']['val_acc']:.4f} -> {out}")
 
 

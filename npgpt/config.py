@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import NpgptError
@@ -206,6 +206,19 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
+def apply_overrides(obj, overrides: dict, source: str = "override"):
+    """A copy of dataclass `obj` with `overrides` ({key: str or value}) type-checked and applied;
+    unknown keys raise NpgptError."""
+    known = {f.name for f in fields(obj)}
+    values = {}
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if key not in known:
+            raise NpgptError(f"{source}: unknown key {key!r}")
+        values[key] = _coerce(type(obj), key, value, source)
+    return dataclasses.replace(obj, **values)
+
+
 def config_from_dict(d: dict) -> GPTConfig:
     """GPTConfig from a checkpoint's config.json "model" entry (unknown keys are an error)."""
     known = {f.name for f in fields(GPTConfig)}
@@ -216,4 +229,4 @@ def config_from_dict(d: dict) -> GPTConfig:
 
 
 __all__ = ["GPTConfig", "TrainConfig", "PRESETS", "preset", "resolve_config", "parse_overrides",
-           "load_config_file", "config_from_dict", "field"]
+           "apply_overrides", "load_config_file", "config_from_dict"]

@@ -58,3 +58,14 @@ def test_cli_quantize_then_generate_and_refusals(tmp_path):
     with pytest.raises(NpgptError, match="cannot be exported"):
         from npgpt.convert import export_hf
         export_hf(tmp_path / "int8", tmp_path / "hf")
+
+
+def test_quantized_shipped_model_perplexity_within_one_percent(tmp_path):
+    from npgpt.assets import default_model_dir
+    quantize_model(default_model_dir(), tmp_path / "int8")
+    text = CORPUS.read_text()
+    val = text[int(len(text) * 0.9):][:12_000]  # held-out text
+    a, b = npgpt.load(default_model_dir()), npgpt.load(tmp_path / "int8")
+    pa = perplexity(a, val, stride=64)["perplexity"]
+    pb = perplexity(b, val, stride=64)["perplexity"]
+    assert abs(pb - pa) / pa < 0.01, (pa, pb)
