@@ -84,6 +84,8 @@ class Tokenizer:
             tk = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception on any parse problem
             raise NpgptError(f"cannot read tokenizer {path}: {e}") from None
+        from .malloc import release_free_memory
+        release_free_memory()
         return cls(tk, kind)
 
     # ------------------------------------------------------------------ constructors
