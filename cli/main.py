@@ -34,6 +34,16 @@ def threads_option(f):
                         callback=apply, is_eager=True, help="Threads for BLAS and parallel kernels (default: $NPGPT_THREADS or all cores).")(f)
 
 
+def model_option(f):
+    """--model DIR (default: the shipped model); the command receives the loaded GPT as `model`."""
+    def load(ctx, param, value):
+        import npgpt
+        from npgpt.assets import default_model_dir
+        return npgpt.load(value or default_model_dir())
+    return click.option("--model", "model", default=None, type=click.Path(), callback=load,
+                        help="Checkpoint dir (default: the shipped model).")(f)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="npgpt")
 def cli():
@@ -124,7 +134,7 @@ def train(ctx, data, out, preset, config_file, resume, force, quiet):
 # ---------------------------------------------------------------- sampling
 @cli.command()
 @click.argument("prompt", required=False, default=None)
-@click.option("--model", "model_dir", default=None, type=click.Path(), help="Checkpoint dir (default: the shipped model).")
+@model_option
 @click.option("--max-new-tokens", "-n", default=200, show_default=True, type=click.IntRange(min=0))
 @click.option("--temperature", "-t", default=0.8, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
 @click.option("--top-k", default=None, type=click.IntRange(min=1))
@@ -134,18 +144,15 @@ def train(ctx, data, out, preset, config_file, resume, force, quiet):
 @click.option("--stop", multiple=True, help="Stop when the text contains this string (repeatable).")
 @click.option("--num-samples", default=1, show_default=True, type=click.IntRange(min=1))
 @threads_option
-def generate(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
+def generate(prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
              num_samples):
     """Generate text from PROMPT ('-' reads stdin; default: a newline). Tokens stream as they are made."""
-    import npgpt
-    from npgpt.assets import default_model_dir
     from npgpt.sampling import TextStream
     if prompt == "-":
         prompt = sys.stdin.read()
-    model = npgpt.load(model_dir or default_model_dir())
     tok = model.tokenizer
     if tok is None:
-        raise click.ClickException(f"{model_dir} has no tokenizer; cannot generate text")
+        raise click.ClickException("this model has no tokenizer; cannot generate text")
     shown = prompt or ""
     if not prompt:  # unconditional: start from <|endoftext|> (GPT-2) or a newline (char models)
         prompt = [tok.eot_id] if tok.eot_id is not None else "\n"
@@ -210,21 +217,17 @@ def eval_():
 
 @eval_.command("perplexity")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--model", "model_dir", default=None, type=click.Path(), help="Checkpoint dir (default: the shipped model).")
+@model_option
 @click.option("--stride", default=None, type=click.IntRange(min=1), help="Window step (default: the context length).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @threads_option
-def eval_perplexity(file, model_dir, stride, as_json):
+def eval_perplexity(file, model, stride, as_json):
     """Perplexity of a text FILE with a sliding window of the model's context."""
     import json
 
-    import npgpt
-    from npgpt.assets import default_model_dir
     from npgpt.data import read_text
     from npgpt.evaluate import perplexity
-    text = read_text(file)
-    model = npgpt.load(model_dir or default_model_dir())
-    r = perplexity(model, text, stride=stride)
+    r = perplexity(model, read_text(file), stride=stride)
     if as_json:
         click.echo(json.dumps({"file": str(file), **r}))
     else:
@@ -248,7 +251,7 @@ def _print_result(r: dict, as_json: bool):
 
 @eval_.command("choice")
 @click.argument("data", type=click.Path(dir_okay=False))
-@click.option("--model", "model_dir", default=None, type=click.Path(), help="Checkpoint dir (default: the shipped model).")
+@model_option
 @click.option("--shots", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--train", "train_file", default=None, type=click.Path(dir_okay=False),
               help="Draw demonstrations from this file (default: the other items).")
@@ -259,12 +262,9 @@ def _print_result(r: dict, as_json: bool):
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N items.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @threads_option
-def eval_choice(data, model_dir, shots, train_file, seed, template, separator, limit, as_json):
+def eval_choice(data, model, shots, train_file, seed, template, separator, limit, as_json):
     """Zero-/few-shot multiple choice: JSON lines {"context", "choices": [...], "label": i}."""
-    import npgpt
-    from npgpt.assets import default_model_dir
     from npgpt.evaluate import eval_choice as run, read_jsonl
-    model = npgpt.load(model_dir or default_model_dir())
     items = read_jsonl(data, ("context", "choices", "label"))
     demos = read_jsonl(train_file, ("context", "choices", "label")) if train_file else None
     sep = separator.encode().decode("unicode_escape")
@@ -274,22 +274,19 @@ def eval_choice(data, model_dir, shots, train_file, seed, template, separator, l
 
 @eval_.command("lambada")
 @click.argument("data", type=click.Path(dir_okay=False))
-@click.option("--model", "model_dir", default=None, type=click.Path(), help="Checkpoint dir (default: the shipped model).")
+@model_option
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N items.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @threads_option
-def eval_lambada(data, model_dir, limit, as_json):
+def eval_lambada(data, model, limit, as_json):
     """LAMBADA last-word accuracy and perplexity: JSON lines {"text"}; the target is the last word."""
-    import npgpt
-    from npgpt.assets import default_model_dir
     from npgpt.evaluate import eval_lambada as run, read_jsonl
-    model = npgpt.load(model_dir or default_model_dir())
     _print_result({"data": str(data), **run(model, read_jsonl(data, ("text",)), limit=limit)}, as_json)
 
 
 @eval_.command("generate")
 @click.argument("data", type=click.Path(dir_okay=False))
-@click.option("--model", "model_dir", default=None, type=click.Path(), help="Checkpoint dir (default: the shipped model).")
+@model_option
 @click.option("--shots", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--template", default="qa", show_default=True, help="With {context} and {choice}; or tldr, qa, translate.")
@@ -297,12 +294,9 @@ def eval_lambada(data, model_dir, limit, as_json):
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N items.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @threads_option
-def eval_generate(data, model_dir, shots, seed, template, max_new_tokens, limit, as_json):
+def eval_generate(data, model, shots, seed, template, max_new_tokens, limit, as_json):
     """Exact match / F1 of greedy answers (stop at newline): JSON lines {"question" or "context", "answers"}."""
-    import npgpt
-    from npgpt.assets import default_model_dir
     from npgpt.evaluate import eval_generate as run, read_jsonl
-    model = npgpt.load(model_dir or default_model_dir())
     _print_result({"data": str(data), **run(model, read_jsonl(data, ("answers",)), shots=shots, seed=seed,
                                               template=template, max_new_tokens=max_new_tokens, limit=limit)},
                   as_json)
