@@ -195,7 +195,6 @@ class GPT:
             self.zero_grad()
             keep_freed_memory()  # training from here on: reuse freed temporaries (see malloc.py)
         cfg, p, g = self.config, self.params, self.grads
-        eps = cfg.layer_norm_eps
         pre = cfg.ln == "pre"
         B, T = acts["idx"].shape
         N = B * T

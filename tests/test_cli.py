@@ -1,7 +1,6 @@
 """The command line: a real tour, and bad input -> one line on stderr, non-zero exit, nothing overwritten."""
 import json
 
-import numpy as np
 import pytest
 
 from conftest import run_cli
