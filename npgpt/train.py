@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,11 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
         print(f"npgpt train: {model.num_params:,} parameters, {mcfg.n_layer} layers x {mcfg.n_embd} wide, "
               f"context {T}; batch {B} x {k} micro-batches; threads: BLAS {th['blas']}, Numba kernels 1 "
               f"({th['cores']} cores)", file=stream)
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if th["blas"] and th["blas"] > 1 and busy + th["blas"] > (th["cores"] or 1) + 0.5:
+            # two busy-waiting BLAS pools on the same cores were measured 25x slower per step
+            print(f"warning: the machine is busy (load {busy:.1f} on {th['cores']} cores); if other jobs "
+                  f"keep running, --threads 1 avoids oversubscription", file=stream)
         if resume:
             print(f"resuming from step {step}", file=stream)
 
