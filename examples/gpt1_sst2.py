@@ -44,7 +44,9 @@ def main():
     ap.add_argument("--out", default="runs/gpt1")
     ap.add_argument("--iters", type=int, default=4000)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--small", type=int, default=1000, help="size of the low-resource training subset")
+    ap.add_argument("--sizes", default="300,1000", help="low-resource training subset sizes")
+    ap.add_argument("--seeds", type=int, default=3, help="fine-tuning runs (subset + seed) per low-resource size")
+    ap.add_argument("--retrain", action="store_true", help="pretrain again even if --out holds a model")
     args = ap.parse_args()
     sst2, out = Path(args.sst2), Path(args.out)
     for f in ("stsa.binary.train", "stsa.binary.dev"):
@@ -52,40 +54,49 @@ def main():
             sys.exit(f"SST-2 not found: {sst2 / f} is missing (its licence does not allow shipping it; pass "
                      f"--sst2 with the folder that holds it)")
     out.mkdir(parents=True, exist_ok=True)
+    sizes = [int(x) for x in args.sizes.split(",") if x]
     sst2_to_jsonl(sst2 / "stsa.binary.train", out / "train.jsonl")
-    sst2_to_jsonl(sst2 / "stsa.binary.train", out / "train-small.jsonl", size=args.small)
+    for n in sizes:
+        for seed in range(args.seeds):
+            sst2_to_jsonl(sst2 / "stsa.binary.train", out / f"train-{n}-{seed}.jsonl", size=n, seed=seed)
     sst2_to_jsonl(sst2 / "stsa.binary.dev", out / "dev.jsonl")
     text = Path(args.warpeace).read_text(encoding="utf-8").replace("\r\n", "\n").replace("\r", "\n").lower()
     (out / "warpeace_lower.txt").write_text(text)
 
     t0 = time.time()
-    npgpt.prepare([out / "warpeace_lower.txt"], out / "data", "bpe:2048", force=True)
-    arch = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "64"]
-    subprocess.run([sys.executable, "-m", "npgpt_cli.main", "train", "--data", str(out / "data"), "--out",
-                    str(out / "pretrained"), "--force", *arch, "--batch_size", "32", "--max_iters", str(args.iters),
-                    "--learning_rate", "1e-3", "--min_lr", "1e-4", "--eval_interval", "500", "--dropout", "0.1"],
-                   check=True)
+    if args.retrain or not (out / "pretrained" / "model.safetensors").is_file():
+        npgpt.prepare([out / "warpeace_lower.txt"], out / "data", "bpe:2048", force=True)
+        arch = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "64"]
+        subprocess.run([sys.executable, "-m", "npgpt_cli.main", "train", "--data", str(out / "data"), "--out",
+                        str(out / "pretrained"), "--force", *arch, "--batch_size", "32", "--max_iters",
+                        str(args.iters), "--learning_rate", "1e-3", "--min_lr", "1e-4", "--eval_interval", "500",
+                        "--dropout", "0.1"], check=True)
     t_pre = time.time() - t0
     pre = npgpt.load(out / "pretrained")
     scratch = GPT(pre.config, seed=1, tokenizer=pre.tokenizer)  # same shape and tokenizer, random weights
     save_checkpoint(out / "scratch", scratch, provenance={"created_by": "examples/gpt1_sst2.py (random init)"})
 
-    settings = {"full": ("train.jsonl", FinetuneConfig(learning_rate=args.lr, epochs=3, batch_size=32)),
-                f"{args.small} examples": ("train-small.jsonl", FinetuneConfig(learning_rate=args.lr, epochs=10,
-                                                                                batch_size=32))}
-    results = {"pretrain_seconds": t_pre, "pretrain_iters": args.iters}
-    for name, (train_file, cfg) in settings.items():
+    runs = [("all", "train.jsonl", 0, FinetuneConfig(learning_rate=args.lr, epochs=3, batch_size=32))]
+    for n in sizes:
+        runs += [(str(n), f"train-{n}-{seed}.jsonl", seed,
+                  FinetuneConfig(learning_rate=args.lr, epochs=10, batch_size=32, seed=seed))
+                 for seed in range(args.seeds)]
+    results = {"pretrain_seconds": t_pre, "pretrain_iters": args.iters, "runs": []}
+    for size, train_file, seed, cfg in runs:
         for arm in ("pretrained", "scratch"):
             t = time.time()
-            r = finetune(out / arm, "classify", out / train_file, out / "dev.jsonl", out / f"{arm}-{train_file}",
-                         cfg, force=True)
-            results[f"{name} / {arm}"] = {**r["best"], "seconds": time.time() - t, "recipe": vars(cfg)}
+            r = finetune(out / arm, "classify", out / train_file, out / "dev.jsonl", out / f"ft-{arm}", cfg,
+                         force=True, quiet=True)
+            results["runs"].append({"labels": size, "seed": seed, "arm": arm, **r["best"],
+                                    "seconds": time.time() - t})
+            print(f"{size:>5} labels, seed {seed}, {arm:<10}: dev accuracy {r['best']['val_acc']:.4f}", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"pretraining: {t_pre / 60:.1f} min")
-    print(f"{'SST-2 training labels':<22} {'pretrained + fine-tuned':>24} {'from scratch':>14}")
-    for name in settings:
-        p, s_ = results[f"{name} / pretrained"], results[f"{name} / scratch"]
-        print(f"{name:<22} {p['val_acc']:>24.4f} {s_['val_acc']:>14.4f}   (dev accuracy, best epoch)")
+    print(f"\n{'SST-2 training labels':<22} {'pretrained + fine-tuned':>24} {'from scratch':>14}   runs")
+    for size in ["all"] + [str(n) for n in sizes]:
+        acc = {arm: [r["val_acc"] for r in results["runs"] if r["labels"] == size and r["arm"] == arm]
+               for arm in ("pretrained", "scratch")}
+        print(f"{size:<22} {sum(acc['pretrained']) / len(acc['pretrained']):>24.4f} "
+              f"{sum(acc['scratch']) / len(acc['scratch']):>14.4f}   {len(acc['scratch'])}")
 
 
 if __name__ == "__main__":
