@@ -101,6 +101,7 @@ def generate(model: GPT, prompt, max_new_tokens: int = 100, *, temperature: floa
         for b, r in enumerate(rows):
             seen[b, r] = True
     rng = np.random.default_rng(seed)
+    tail_tokens = 4 * max((len(s) for s in stop), default=0) + 1 if stop else 0
     end = np.full(B, L + max_new_tokens)
     done = np.zeros(B, bool)
     n = L
@@ -115,8 +116,11 @@ def generate(model: GPT, prompt, max_new_tokens: int = 100, *, temperature: floa
         if on_token is not None:
             on_token(nxt)
         for b in np.flatnonzero(~done):
+            # a new stop string must end in the new token; a string of m characters spans at most 4m
+            # byte-level tokens, so decoding that tail suffices (decoding all would be quadratic)
+            tail = out[b, max(L, n - tail_tokens):n] if stop else None
             if (eos_id is not None and nxt[b] == eos_id) or \
-                    (stop and any(s in model.tokenizer.decode(out[b, L:n]) for s in stop)):
+                    (stop and any(s in model.tokenizer.decode(tail) for s in stop)):
                 done[b], end[b] = True, n
         if done.all() or i == max_new_tokens - 1:
             break
