@@ -174,7 +174,7 @@ def xent_fwd(logits, targets, losses):
 
 @nb.njit(**_jit)
 def xent_bwd(logits, targets, scale, dlogits):
-    """dlogits = scale * (softmax(logits) - onehot(targets)); zero rows where target < 0."""
+    """dlogits[i] = scale[i] * (softmax(logits[i]) - onehot(targets[i])); zero rows where target < 0."""
     N, V = logits.shape
     for i in range(N):
         t = targets[i]
@@ -191,10 +191,10 @@ def xent_bwd(logits, targets, scale, dlogits):
             e = math.exp(logits[i, j] - mx)
             dlogits[i, j] = e
             s += e
-        inv = scale / s
+        inv = scale[i] / s
         for j in range(V):
             dlogits[i, j] *= inv
-        dlogits[i, t] -= scale
+        dlogits[i, t] -= scale[i]
 
 
 @nb.njit(**_jit)

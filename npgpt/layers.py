@@ -240,19 +240,27 @@ def attention_backward(dy, q, k, v, cache):
 # ---------------------------------------------------------------- softmax cross-entropy
 def cross_entropy_forward(logits, targets):
     """logits [N, V], targets [N] int (< 0 = ignore) -> mean loss over kept rows (a Python float)."""
+    n = int((targets >= 0).sum())
+    return float(token_nll(logits, targets).sum(dtype=np.float64) / max(n, 1))
+
+
+def token_nll(logits, targets):
+    """logits [N, V], targets [N] -> -log softmax(logits)[target] per row [N] (0 where target < 0)."""
     logits = np.ascontiguousarray(logits)
     losses = np.empty(logits.shape[0], logits.dtype)
-    targets = targets.astype(np.int64, copy=False)
-    K.xent_fwd(logits, targets, losses)
-    n = int((targets >= 0).sum())
-    return float(losses.sum(dtype=np.float64) / max(n, 1))
+    K.xent_fwd(logits, targets.astype(np.int64, copy=False), losses)
+    return losses
 
 
-def cross_entropy_backward(logits, targets, dloss=1.0):
-    """-> dlogits [N, V] = dloss * (softmax(logits) - onehot(targets)) / n_kept; ignored rows are 0."""
+def cross_entropy_backward(logits, targets, dloss=1.0, row_scale=None):
+    """-> dlogits [N, V] = dloss * (softmax(logits) - onehot(targets)) / n_kept; ignored rows are 0.
+    row_scale [N], when given, replaces dloss / n_kept per row: the gradient of sum_i row_scale[i] * nll_i
+    (an objective weighting each token's log-likelihood, as policy gradients do)."""
     logits = np.ascontiguousarray(logits)
     targets = targets.astype(np.int64, copy=False)
-    n = int((targets >= 0).sum())
+    if row_scale is None:
+        n = int((targets >= 0).sum())
+        row_scale = np.full(len(targets), dloss / max(n, 1), logits.dtype)
     dlogits = np.empty_like(logits)
-    K.xent_bwd(logits, targets, dloss / max(n, 1), dlogits)
+    K.xent_bwd(logits, targets, np.ascontiguousarray(row_scale, dtype=logits.dtype), dlogits)
     return dlogits

@@ -10,7 +10,7 @@ import numpy as np
 
 from .config import GPTConfig
 from .errors import NpgptError
-from .layers import (attention_backward, attention_forward, cross_entropy_backward, cross_entropy_forward,
+from .layers import (attention_backward, attention_forward, cross_entropy_backward, token_nll,
                      dropout_backward, dropout_forward, embedding_backward, embedding_forward, gelu_backward,
                      gelu_forward, layernorm_backward, layernorm_forward, linear_backward, linear_forward,
                      merge_heads, split_heads)
@@ -90,16 +90,39 @@ class GPT:
     def loss(self, idx, targets, *, train: bool = False, rng: np.random.Generator | None = None) -> float:
         """Mean cross-entropy of next-token prediction. idx, targets [B, T] (targets < 0 are ignored).
         train=True enables dropout (drawn from rng). The activations are kept for `backward()`."""
+        nll = self._lm(idx, targets, train, rng)
+        return float(nll.sum(dtype=np.float64) / max(int((self._saved["targets"] >= 0).sum()), 1))
+
+    def logprobs(self, idx, targets, *, train: bool = False, rng: np.random.Generator | None = None) -> np.ndarray:
+        """log p(targets[b, t] | idx[b, :t+1]) per position [B, T] float32 (0 where targets < 0): what
+        sequence-level objectives (SFT masks, DPO, PPO) are built from. The activations are kept; pass
+        `dlogp` (d objective / d logprobs) to `backward()`."""
+        idx = np.asarray(idx)
+        return -self._lm(idx, targets, train, rng).reshape(np.shape(targets))
+
+    def features(self, idx, *, train: bool = False, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Final hidden states [B, T, C] without the LM head (for scalar heads: reward and value models).
+        The activations are kept; `backward(dhidden=...)` follows."""
+        idx = self._check_idx(idx, None)
+        acts = {"idx": idx, "layers": [], "rng": rng if train else None, "logits": None}
+        acts["xf"] = self._body(idx, acts=acts)
+        self._saved = acts
+        return acts["xf"]
+
+    def _lm(self, idx, targets, train, rng) -> np.ndarray:
+        """Forward with the tied LM head, keeping activations; per-token NLL [B * T]."""
         idx = self._check_idx(idx, None)
         targets = np.asarray(targets)
+        if targets.shape != idx.shape:
+            raise NpgptError(f"targets {targets.shape} must have the shape of the ids {idx.shape}")
         acts = {"idx": idx, "layers": [], "rng": rng if train else None}
         xf = self._body(idx, acts=acts)
         logits = xf @ self.params["wte.weight"].T
         N = idx.size
-        loss = cross_entropy_forward(logits.reshape(N, -1), targets.reshape(N))
+        nll = token_nll(logits.reshape(N, -1), targets.reshape(N))
         acts.update(xf=xf, logits=logits, targets=targets)
         self._saved = acts
-        return loss
+        return nll
 
     @property
     def hidden(self) -> np.ndarray:
@@ -183,14 +206,16 @@ class GPT:
         return x
 
     # ------------------------------------------------------------------ backward
-    def backward(self, dloss: float = 1.0, dhidden: np.ndarray | None = None):
+    def backward(self, dloss: float = 1.0, dhidden: np.ndarray | None = None, dlogp: np.ndarray | None = None):
         """Add dloss * d(loss)/d(params) of the last `loss()` call into self.grad (call zero_grad first).
         Use dloss = 1/k for k accumulated micro-batches. dhidden [B, T, C], when given, is the gradient
         of another objective with respect to `hidden` (a task head on the final hidden states); it is
-        added where the LM head's gradient enters."""
+        added where the LM head's gradient enters. After `logprobs()`, dlogp [B, T] is the gradient of
+        the objective with respect to those log-probabilities (dloss is then unused); after `features()`
+        only dhidden flows."""
         acts = self._saved
         if acts is None:
-            raise RuntimeError("backward() needs a preceding loss() call")
+            raise RuntimeError("backward() needs a preceding loss(), logprobs() or features() call")
         if self.grad is None:
             self.zero_grad()
             keep_freed_memory()  # training from here on: reuse freed temporaries (see malloc.py)
@@ -199,14 +224,21 @@ class GPT:
         B, T = acts["idx"].shape
         N = B * T
         wte = p["wte.weight"]
-        # tied LM head: logits = xf @ wte^T
-        dlogits = cross_entropy_backward(acts["logits"].reshape(N, -1), acts["targets"].reshape(N), dloss)
-        xf = acts["xf"].reshape(N, -1)
-        g["wte.weight"] += dlogits.T @ xf
-        dx = (dlogits @ wte).reshape(B, T, -1)
-        del dlogits
-        if dhidden is not None:
-            dx += dhidden
+        if acts["logits"] is not None:
+            # tied LM head: logits = xf @ wte^T; d logp / d logits = onehot - softmax, hence the minus
+            row_scale = None if dlogp is None else -np.asarray(dlogp, acts["xf"].dtype).reshape(N)
+            dlogits = cross_entropy_backward(acts["logits"].reshape(N, -1), acts["targets"].reshape(N), dloss,
+                                             row_scale)
+            xf = acts["xf"].reshape(N, -1)
+            g["wte.weight"] += dlogits.T @ xf
+            dx = (dlogits @ wte).reshape(B, T, -1)
+            del dlogits
+            if dhidden is not None:
+                dx += dhidden
+        elif dhidden is None:
+            raise RuntimeError("after features(), backward() needs dhidden")
+        else:
+            dx = np.array(dhidden, dtype=acts["xf"].dtype)
         if pre:
             dx = layernorm_backward(dx, acts["ln_f"], p["ln_f.weight"], g["ln_f.weight"], g.get("ln_f.bias"))
         for l in reversed(range(cfg.n_layer)):

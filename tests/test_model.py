@@ -148,3 +148,37 @@ def test_bad_token_ids_and_too_long_input():
         m.forward([[0, 11]])
     with pytest.raises(NpgptError, match="exceeds the context"):
         m.forward(np.zeros((1, 9), np.int64))
+
+
+def test_logprobs_objective_gradient_matches_finite_differences():
+    """backward(dlogp=w) is the gradient of sum(w * logprobs): what SFT masks, DPO and PPO build on."""
+    m = GPT(tiny(), dtype=np.float64, seed=2)
+    m.flat[:] = np.random.default_rng(3).standard_normal(m.flat.size) * 0.3
+    rng = np.random.default_rng(4)
+    idx, tgt = rng.integers(0, 11, (2, 6)), rng.integers(0, 11, (2, 6))
+    tgt[1, :2] = -1
+    w = rng.standard_normal((2, 6))  # weights of either sign, as advantages are
+    lp = m.logprobs(idx, tgt)
+    assert np.all(lp[1, :2] == 0) and np.all(lp[tgt >= 0] < 0)
+    # the same numbers as the mean loss
+    assert abs(-lp.sum() / (tgt >= 0).sum() - m.loss(idx, tgt)) < 1e-12
+    m.zero_grad()
+    m.logprobs(idx, tgt)
+    m.backward(dlogp=w)
+    num = numeric_grad(lambda: float((w * m.logprobs(idx, tgt)).sum()), m.flat)
+    assert np.abs(m.grad - num).max() / np.abs(num).max() < 1e-6
+
+
+def test_features_gradient_matches_finite_differences():
+    """features() + backward(dhidden=...) trains scalar heads without the LM head."""
+    m = GPT(tiny(ln="post"), dtype=np.float64, seed=5)
+    rng = np.random.default_rng(6)
+    idx = rng.integers(0, 11, (2, 5))
+    u = rng.standard_normal((2, 5, 8))
+    m.zero_grad()
+    h = m.features(idx)
+    m.backward(dhidden=u)
+    num = numeric_grad(lambda: float((u * m.features(idx)).sum()), m.flat)
+    assert h.shape == (2, 5, 8)
+    assert np.abs(m.grad - num).max() / np.abs(num).max() < 1e-6
+    assert np.all(m.grads["wte.weight"][idx.max() + 1:] == 0)  # only the embedding rows used
