@@ -92,18 +92,19 @@ def label_set(examples: list[dict], path="data") -> list:
 
 
 # ---------------------------------------------------------------- vocabulary
-def add_special_tokens(model: GPT, seed: int = 0) -> tuple[GPT, dict[str, int]]:
-    """A writable copy of `model` whose tokenizer and embedding gain <|start|>, <|delim|>, <|extract|>
-    (new rows ~ N(0, init_std); the tied head grows with them). Existing ones are reused."""
+def add_special_tokens(model: GPT, seed: int = 0, specials=SPECIALS) -> tuple[GPT, dict[str, int]]:
+    """A writable copy of `model` whose tokenizer and embedding gain the special tokens (default GPT-1's
+    <|start|>, <|delim|>, <|extract|>; new rows ~ N(0, init_std); the tied head grows with them).
+    Tokens the model already has are reused."""
     tok = model.tokenizer
     if tok is None:
         raise NpgptError("fine-tuning needs a model with a tokenizer")
     import tokenizers
     tk = tokenizers.Tokenizer.from_str(tok.tk.to_str())
-    tk.add_special_tokens(list(SPECIALS))
+    tk.add_special_tokens(list(specials))
     from .tokenizer import Tokenizer
     new_tok = Tokenizer(tk, tok.kind)
-    ids = {s: tk.token_to_id(s) for s in SPECIALS}
+    ids = {s: tk.token_to_id(s) for s in specials}
     V = max(model.config.vocab_size, max(ids.values()) + 1)
     cfg = dataclasses.replace(model.config, vocab_size=V)
     new = GPT(cfg, seed=seed, dtype=model.flat.dtype, tokenizer=new_tok)

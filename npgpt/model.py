@@ -132,6 +132,13 @@ class GPT:
             raise RuntimeError("hidden needs a preceding loss() call")
         return self._saved["xf"]
 
+    @property
+    def logits(self) -> np.ndarray:
+        """Logits [B, T, V] of the last `loss()` or `logprobs()` call (for entropies and diagnostics)."""
+        if self._saved is None or self._saved.get("logits") is None:
+            raise RuntimeError("logits needs a preceding loss() or logprobs() call")
+        return self._saved["logits"]
+
     def _check_idx(self, idx, kv):
         idx = np.asarray(idx)
         if idx.ndim == 1:

@@ -1,0 +1,266 @@
+"""The chat template and the data formats shared by SFT, reward models, PPO and DPO (InstructGPT).
+
+Template: every turn is a role token, the text, and an end token; generation is prompted with the
+assistant token and stops at the end token:
+
+    <|user|>how are you?<|end|><|assistant|>fine, thanks.<|end|>
+
+A conversation is a list of {"role": "system" | "user" | "assistant", "content": str}. Preference records
+become (prompt messages, responses, ranking best-first); demonstrations become conversations whose
+assistant turns are the training targets.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NpgptError
+
+ROLES = ("system", "user", "assistant")
+CHAT_SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+# ---------------------------------------------------------------- vocabulary and encoding
+def add_chat_tokens(model, seed: int = 0):
+    """A writable copy of `model` whose vocabulary holds the chat tokens (kept if already there)."""
+    from .finetune import add_special_tokens
+    return add_special_tokens(model, seed, CHAT_SPECIALS)[0]
+
+
+def chat_ids(model) -> dict[str, int]:
+    """Ids of the chat tokens; a clear error when the model was never given them (not an SFT model)."""
+    tok = model.tokenizer
+    if tok is None:
+        raise NpgptError("chat needs a model with a tokenizer")
+    ids = {s: tok.tk.token_to_id(s) for s in CHAT_SPECIALS}
+    if any(i is None or i >= model.config.vocab_size for i in ids.values()):
+        raise NpgptError("this model has no chat tokens; fine-tune it with `npgpt sft` first")
+    return ids
+
+
+def encode_chat(model, messages: list[dict], *, generation_prompt: bool = False, train_on: str = "all"):
+    """Token ids [T] and a target mask [T] (1 on the tokens the model is trained to produce: the text and
+    end token of assistant turns; train_on="last" keeps only the final assistant turn). With
+    generation_prompt, the ids end with <|assistant|> so that a model continues with a response."""
+    ids = chat_ids(model)
+    enc = model.tokenizer.encode
+    toks, mask = [], []
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    for i, m in enumerate(messages):
+        body = enc(m["content"]) + [ids["<|end|>"]]
+        learn = m["role"] == "assistant" and (train_on == "all" or i == last)
+        toks += [ids[f"<|{m['role']}|>"]] + body
+        mask += [0] + [int(learn)] * len(body)
+    if generation_prompt:
+        toks.append(ids["<|assistant|>"])
+        mask.append(0)
+    return toks, mask
+
+
+def fit_context(toks: list[int], mask: list[int], block: int):
+    """Keep the last `block` tokens (the response end is what matters); returns (toks, mask, cut?)."""
+    if len(toks) <= block:
+        return toks, mask, False
+    return toks[-block:], mask[-block:], True
+
+
+def pad_batch(seqs: list[tuple[list[int], list[int]]]):
+    """Right-padded ids [B, T], targets [B, T] (the next token where it is trained on, else -1) and the
+    last real position of each row [B]. Causal attention never looks right, so padding needs no mask."""
+    T = max(len(t) for t, _ in seqs)
+    x = np.zeros((len(seqs), T), np.int64)
+    y = np.full((len(seqs), T), -1, np.int64)
+    last = np.empty(len(seqs), np.int64)
+    for b, (t, m) in enumerate(seqs):
+        x[b, :len(t)] = t
+        nxt, keep = np.asarray(t[1:], np.int64), np.asarray(m[1:], bool)
+        y[b, :len(t) - 1] = np.where(keep, nxt, -1)
+        last[b] = len(t) - 1
+    return x, y, last
+
+
+def prompt_messages(prompt) -> list[dict]:
+    """A prompt given as text (one user turn) or as a message list."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def render(messages: list[dict]) -> str:
+    """Readable text of a conversation (for logs and `reward score` output)."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+# ---------------------------------------------------------------- reading files
+def _records(path) -> list[tuple[int, dict]]:
+    path = Path(path)
+    if not path.is_file():
+        raise NpgptError(f"data file not found: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NpgptError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(r, dict):
+                raise NpgptError(f"{path}:{n}: expected a JSON object")
+            out.append((n, r))
+    if not out:
+        raise NpgptError(f"{path}: no records")
+    return out
+
+
+class _Bad(Exception):
+    pass
+
+
+def _text(r: dict, key: str) -> str:
+    v = r.get(key)
+    if not isinstance(v, str):
+        raise _Bad(f"missing field {key!r}" if v is None else f"field {key!r} must be a string")
+    return v
+
+
+def _check_messages(msgs) -> list[dict]:
+    if not isinstance(msgs, list) or not msgs:
+        raise _Bad("'messages' must be a non-empty list")
+    out = []
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise _Bad(f"each message needs a role ({', '.join(ROLES)}) and a string content")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _read(path, parse, skip_bad: bool, what: str) -> tuple[list, int]:
+    items, skipped = [], 0
+    for n, r in _records(path):
+        try:
+            items.append(parse(r))
+        except _Bad as e:
+            if not skip_bad:
+                raise NpgptError(f"{path}:{n}: {e} (use --skip-bad to skip such records)") from None
+            skipped += 1
+    if not items:
+        raise NpgptError(f"{path}: no usable {what} ({skipped} bad records skipped)")
+    return items, skipped
+
+
+def parse_demo(r: dict) -> list[dict]:
+    """One demonstration as a conversation. Accepted: {"messages": [...]}, {"prompt", "response"} (also
+    "completion" or "answer" for the response), Alpaca-style {"instruction", "input", "output"}."""
+    if "messages" in r:
+        msgs = _check_messages(r["messages"])
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+            raise _Bad("no assistant message to learn from")
+        return msgs
+    if "instruction" in r:
+        prompt = _text(r, "instruction") + (f"\n\n{r['input']}" if r.get("input") else "")
+        response = _text(r, "output")
+    else:
+        prompt = _text(r, "prompt")
+        key = next((k for k in ("response", "completion", "answer") if k in r), "response")
+        response = _text(r, key)
+    if not response.strip():
+        raise _Bad("empty response")
+    return [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": response.strip()}]
+
+
+def read_demos(path, skip_bad: bool = False) -> tuple[list[list[dict]], int]:
+    """Demonstrations for SFT: (conversations, number of bad records skipped)."""
+    return _read(path, parse_demo, skip_bad, "demonstrations")
+
+
+def split_dialogue(text: str) -> tuple[list[dict], str]:
+    """An Anthropic HH-style dialogue ("\\n\\nHuman: ... \\n\\nAssistant: ...") split at its last
+    "Assistant:" turn into (prompt messages, final response)."""
+    parts, role, pos = [], None, 0
+    markers = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"}
+    import re
+    for m in re.finditer(r"\n\nHuman:|\n\nAssistant:", text):
+        if role is not None:
+            parts.append({"role": role, "content": text[pos:m.start()].strip()})
+        role, pos = markers[m.group()], m.end()
+    if role is not None:
+        parts.append({"role": role, "content": text[pos:].strip()})
+    if not parts or parts[-1]["role"] != "assistant" or len(parts) < 2:
+        raise _Bad("dialogue has no final 'Assistant:' turn after a 'Human:' turn")
+    return parts[:-1], parts[-1]["content"]
+
+
+def parse_preference(r: dict) -> dict:
+    """One comparison record -> {"prompt": messages, "responses": [str], "ranking": [indices, best first]}.
+
+    Accepted: {"prompt", "chosen", "rejected"}; {"prompt", "responses": [...], "ranking": [...]} (ranking
+    lists response indices best first); Anthropic HH {"chosen": dialogue, "rejected": dialogue}, both
+    split at their last "Assistant:" turn (the two prompts must agree). The prompt may be a message list."""
+    if "responses" in r:
+        responses, ranking = r["responses"], r.get("ranking")
+        if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(x, str) for x in responses):
+            raise _Bad("'responses' must be a list of 2 or more strings")
+        if not isinstance(ranking, list) or sorted(ranking) != list(range(len(responses))):
+            raise _Bad("'ranking' must list every response index once, best first")
+        prompt = r.get("prompt")
+    else:
+        chosen, rejected = _text(r, "chosen"), _text(r, "rejected")
+        if "prompt" in r:
+            prompt = r["prompt"]
+        else:  # HH-style full dialogues
+            prompt, chosen = split_dialogue(chosen)
+            prompt2, rejected = split_dialogue(rejected)
+            if prompt2 != prompt:
+                raise _Bad("'chosen' and 'rejected' dialogues differ before their last Assistant turn")
+        responses, ranking = [chosen, rejected], [0, 1]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise _Bad("empty prompt")
+        prompt = [{"role": "user", "content": prompt.strip()}]
+    elif prompt is None:
+        raise _Bad("missing field 'prompt'")
+    else:
+        prompt = _check_messages(prompt)
+    responses = [x.strip() for x in responses]
+    if any(not x for x in responses):
+        raise _Bad("empty response")
+    if len(set(responses)) < len(responses):
+        raise _Bad("two responses are identical (chosen == rejected)")
+    return {"prompt": prompt, "responses": responses, "ranking": [int(i) for i in ranking]}
+
+
+def read_preferences(path, skip_bad: bool = False) -> tuple[list[dict], int]:
+    """Comparisons for reward models and DPO: (records, number of bad records skipped)."""
+    return _read(path, parse_preference, skip_bad, "comparisons")
+
+
+def read_prompts(path) -> list[list[dict]]:
+    """Prompts for PPO rollouts: JSON lines with "prompt" (text or messages) or "messages", or plain
+    text with one prompt per line."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        if not path.is_file():
+            raise NpgptError(f"prompt file not found: {path}")
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not lines:
+            raise NpgptError(f"{path}: no prompts")
+        return [prompt_messages(ln) for ln in lines]
+    out = []
+    for n, r in _records(path):
+        p = r.get("prompt", r.get("messages"))
+        if isinstance(p, str) and p.strip():
+            out.append(prompt_messages(p.strip()))
+        elif isinstance(p, list):
+            try:
+                out.append(_check_messages(p))
+            except _Bad as e:
+                raise NpgptError(f"{path}:{n}: {e}") from None
+        else:
+            raise NpgptError(f"{path}:{n}: missing field 'prompt'")
+    return out
+
+
+def pairs(ranking: list[int]) -> list[tuple[int, int]]:
+    """All C(K, 2) (better, worse) index pairs of a best-first ranking."""
+    return [(ranking[i], ranking[j]) for i in range(len(ranking)) for j in range(i + 1, len(ranking))]

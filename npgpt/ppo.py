@@ -1,0 +1,324 @@
+"""PPO against a reward model with a KL penalty to the SFT policy, and PPO-ptx (InstructGPT step 3).
+
+One iteration:
+  1. rollouts: sample a response for each of a batch of prompts from the policy (KV cache, batched);
+  2. score: the reward model's r(x, y) at the end, and per token t of the response
+         reward_t = -beta * (log pi(y_t) - log pi_SFT(y_t))  (+ r(x, y) on the last token)
+     values V_t from the value model (a GPT with a scalar head on every position, initialised from the
+     reward model as InstructGPT does, or from the policy);
+  3. advantages by GAE:  delta_t = reward_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lambda A_{t+1},
+     returns R_t = A_t + V_t; advantages whitened over the batch;
+  4. a few epochs over minibatches of the clipped surrogate
+         L_pi = -mean_t min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t),  rho_t = pi(y_t) / pi_old(y_t)
+     and the clipped value loss  L_V = 1/2 mean_t max((V_t - R_t)^2, (V_old + clip(V_t - V_old) - R_t)^2);
+     with PPO-ptx, ptx_coef times the LM loss on a pretraining batch joins the policy's loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .chat import chat_ids, encode_chat, pad_batch, read_prompts
+from .checkpoint import atomic_open, atomic_write_json, load_model, read_config, save_checkpoint
+from .errors import NpgptError
+from .finetune import TaskHead
+from .model import GPT
+from .optim import AdamW
+from .params import decay_mask
+from .reward import RewardModel, _joint_clip, load_reward_model, save_reward_model
+from .sampling import generate
+
+
+@dataclass
+class PPOConfig:
+    iterations: int = 100
+    batch_size: int = 32          # rollouts per iteration
+    minibatch_size: int = 8
+    ppo_epochs: int = 4
+    learning_rate: float = 1e-5   # policy
+    value_lr: float = 5e-5
+    kl_coef: float = 0.02         # beta, InstructGPT's value
+    clip: float = 0.2
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    ptx_coef: float = 0.0         # gamma of PPO-ptx (used with ptx data)
+    ptx_batch_size: int = 8
+    value_init: str = "reward"    # or "policy"
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- the math, on plain arrays
+def kl_rewards(logp: np.ndarray, logp_ref: np.ndarray, mask: np.ndarray, score: np.ndarray, beta: float):
+    """Per-token rewards [B, T]: -beta * (logp - logp_ref) on response tokens, plus score [B] on each row's
+    last response token. Returns (rewards, per-sequence KL [B])."""
+    kl = (logp - logp_ref) * mask
+    r = -beta * kl
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+    r[np.arange(len(score)), last] += score
+    return r, kl.sum(1)
+
+
+def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float, lam: float):
+    """Generalised advantage estimation over each row's response tokens (mask [B, T], contiguous per row).
+    Returns (advantages, returns) [B, T], zero off the mask. The value after the last token is 0."""
+    B, T = rewards.shape
+    adv = np.zeros((B, T), np.float64)
+    for b in range(B):
+        nxt_v, nxt_a = 0.0, 0.0
+        for t in range(T - 1, -1, -1):
+            if not mask[b, t]:
+                continue
+            delta = rewards[b, t] + gamma * nxt_v - values[b, t]
+            nxt_a = delta + gamma * lam * nxt_a
+            adv[b, t] = nxt_a
+            nxt_v = values[b, t]
+    return adv, (adv + values) * mask
+
+
+def whiten(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask.astype(bool)
+    mu, sd = x[m].mean(), x[m].std()
+    return np.where(m, (x - mu) / (sd + 1e-8), 0.0)
+
+
+def clipped_surrogate(logp, logp_old, adv, mask, clip: float):
+    """PPO's clipped policy loss (mean over masked tokens), its gradient with respect to logp [B, T], and
+    the fraction of tokens where the clip is active."""
+    n = max(float(mask.sum()), 1.0)
+    ratio = np.exp((logp - logp_old) * mask)
+    s1 = ratio * adv
+    s2 = np.clip(ratio, 1 - clip, 1 + clip) * adv
+    loss = float(-(np.minimum(s1, s2) * mask).sum() / n)
+    # where the unclipped term is the minimum, d(-rho A)/d logp = -rho A; elsewhere the clip holds it flat
+    dlogp = np.where(s1 <= s2, -ratio * adv, 0.0) * mask / n
+    clipfrac = float(((np.abs(ratio - 1) > clip) * mask).sum() / n)
+    return loss, dlogp, clipfrac
+
+
+def clipped_value_loss(v, v_old, returns, mask, clip: float):
+    """PPO's clipped value loss 1/2 mean max((v - R)^2, (v_clip - R)^2) and its gradient dv [B, T]."""
+    n = max(float(mask.sum()), 1.0)
+    dv_raw = np.clip(v - v_old, -clip, clip)
+    v_clip = v_old + dv_raw
+    l1, l2 = (v - returns) ** 2, (v_clip - returns) ** 2
+    loss = float(0.5 * (np.maximum(l1, l2) * mask).sum() / n)
+    inside = np.abs(v - v_old) <= clip    # d v_clip / d v is 1 inside the clip range, else 0
+    dv = np.where(l1 >= l2, v - returns, (v_clip - returns) * inside) * mask / n
+    return loss, dv
+
+
+def entropy(logits: np.ndarray, mask: np.ndarray) -> float:
+    """Mean entropy (nats) of the distributions at the masked positions; logits [B, T, V]."""
+    z = logits[mask.astype(bool)].astype(np.float64)
+    z -= z.max(-1, keepdims=True)
+    p = np.exp(z)
+    s = p.sum(-1, keepdims=True)
+    p /= s
+    return float((np.log(s[:, 0]) - (p * z).sum(-1)).mean()) if len(z) else 0.0
+
+
+# ---------------------------------------------------------------- models
+class ValueModel(RewardModel):
+    """V(prefix) at every position: the reward model's architecture read at each token, not just the last."""
+
+    def values(self, x, train: bool = False):
+        """x [B, T] -> values [B, T] and a backward(dv [B, T])."""
+        h = self.model.features(x, train=train)
+        W, b = self.head.params["head.weight"], self.head.params["head.bias"]
+        v = (h @ W + b)[..., 0]
+
+        def backward(dv):
+            dv = np.asarray(dv, h.dtype)
+            self.head.grads["head.weight"] += h.reshape(-1, h.shape[-1]).T @ dv.reshape(-1, 1)
+            self.head.grads["head.bias"] += dv.sum()
+            self.model.backward(dhidden=dv[..., None] * W[:, 0])
+
+        return v.astype(np.float64), backward
+
+
+def _writable(model: GPT) -> GPT:
+    """A private float copy without dropout (RL objectives compare log-likelihoods across passes)."""
+    cfg = dataclasses.replace(model.config, dropout=0.0)
+    return GPT(cfg, np.array(model.flat, copy=True), tokenizer=model.tokenizer)
+
+
+# ---------------------------------------------------------------- rollouts
+def rollout(policy: GPT, prompts: list[list[dict]], cfg: PPOConfig, seed: int):
+    """Sample one response per prompt. Returns (sequences of ids, prompt lengths, finished flags)."""
+    end = chat_ids(policy)["<|end|>"]
+    room = policy.config.block_size - cfg.max_new_tokens
+    if room < 2:
+        raise NpgptError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the context "
+                         f"of {policy.config.block_size}")
+    ids = [encode_chat(policy, p, generation_prompt=True)[0][-room:] for p in prompts]
+    outs = generate(policy, ids, cfg.max_new_tokens, temperature=cfg.temperature, eos_id=end, seed=seed)
+    seqs, plen, done = [], [], []
+    for p, o in zip(ids, outs):
+        o = [int(t) for t in o]
+        seqs.append(o)
+        plen.append(len(p))
+        done.append(len(o) > len(p) and o[-1] == end)
+    return seqs, plen, done
+
+
+def _batch_arrays(seqs, plen):
+    """ids [B, T] and targets [B, T] that are the response tokens only."""
+    x, y, _ = pad_batch([(s, [0] * p + [1] * (len(s) - p)) for s, p in zip(seqs, plen)])
+    return x, y
+
+
+# ---------------------------------------------------------------- the loop
+def ppo(policy_dir, reward_dir, prompts_file, out_dir, cfg: PPOConfig | None = None, *, ptx_data=None,
+        scorer=None, eval_prompts=None, force: bool = False, quiet: bool = False, stream=None) -> dict:
+    """Optimise the SFT policy in `policy_dir` against the reward model in `reward_dir` on the prompts in
+    `prompts_file`; save the policy (and its value model in out/value) in `out_dir`.
+
+    ptx_data: a prepared data dir (npgpt prepare) for PPO-ptx. scorer(prompts, responses) -> [B] floats,
+    optional: a ground-truth score logged beside the reward (the synthetic demo's hidden rule).
+    Every iteration appends a record to out/metrics.jsonl; out/ppo.png plots them."""
+    cfg = cfg or PPOConfig()
+    stream = stream or sys.stderr
+    out = Path(out_dir)
+    if (out / "model.safetensors").exists() and not force:
+        raise NpgptError(f"{out} already holds a model; use --force to overwrite it")
+    if cfg.value_init not in ("reward", "policy"):
+        raise NpgptError(f"value_init must be 'reward' or 'policy', got {cfg.value_init!r}")
+    if cfg.batch_size < 1 or cfg.minibatch_size < 1:
+        raise NpgptError("batch_size and minibatch_size must be >= 1")
+    prompts = read_prompts(prompts_file)
+    ref = load_model(policy_dir)
+    chat_ids(ref)
+    if ref.flat is None:
+        raise NpgptError("a quantized model cannot be trained")
+    rm = load_reward_model(reward_dir)
+    if rm.model.config.vocab_size != ref.config.vocab_size:
+        raise NpgptError(f"the reward model's vocabulary ({rm.model.config.vocab_size}) differs from the "
+                         f"policy's ({ref.config.vocab_size}); train it from the same SFT model")
+    policy = _writable(ref)
+    if cfg.value_init == "reward":
+        head = TaskHead(rm.head.flat.size - 1, 1)
+        head.flat[:] = rm.head.flat
+        value = ValueModel(_writable(rm.model), head)
+    else:
+        value = ValueModel(_writable(ref), TaskHead(ref.config.n_embd, 1, seed=cfg.seed, std=0.0))
+    ptx = None
+    if ptx_data is not None:
+        from .data import TokenData
+        ptx = TokenData(ptx_data)
+        if ptx.vocab_size > policy.config.vocab_size:
+            raise NpgptError(f"ptx data vocabulary ({ptx.vocab_size}) is larger than the policy's")
+    opt = AdamW(policy.flat, decay_mask(policy.config), weight_decay=0.0)
+    vopt = AdamW(value.model.flat, decay_mask(value.model.config), weight_decay=0.0)
+    hopt = AdamW(value.head.flat, np.r_[np.ones(value.head.flat.size - 1, np.uint8), 0], weight_decay=0.0)
+    rng = np.random.default_rng(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+    metrics.write_text("")
+    if not quiet:
+        print(f"npgpt ppo: {len(prompts)} prompts, {cfg.iterations} iterations x {cfg.batch_size} rollouts, "
+              f"beta {cfg.kl_coef}" + (f", ptx {cfg.ptx_coef}" if ptx else ""), file=stream, flush=True)
+    history = []
+    for it in range(cfg.iterations):
+        t0 = time.perf_counter()
+        batch = [prompts[i] for i in rng.choice(len(prompts), cfg.batch_size, replace=len(prompts) < cfg.batch_size)]
+        seqs, plen, done = rollout(policy, batch, cfg, seed=int(rng.integers(1 << 31)))
+        x, y = _batch_arrays(seqs, plen)
+        mask = (y >= 0).astype(np.float64)
+        logp_old = policy.logprobs(x, y).astype(np.float64)
+        ent = entropy(policy.logits, mask)
+        logp_ref = ref.logprobs(x, y).astype(np.float64)
+        v_old = value.values(x)[0]
+        end = chat_ids(policy)["<|end|>"]
+        score = rm.score([s if d else s + [end] for s, d in zip(seqs, done)])
+        rewards, kl = kl_rewards(logp_old, logp_ref, mask, score, cfg.kl_coef)
+        adv, ret = gae(rewards, v_old, mask, cfg.gamma, cfg.lam)
+        adv = whiten(adv, mask)
+        pl, vl, cf, pt = [], [], [], []
+        for _ in range(cfg.ppo_epochs):
+            order = rng.permutation(len(seqs))
+            for b0 in range(0, len(order), cfg.minibatch_size):
+                mb = order[b0:b0 + cfg.minibatch_size]
+                T = int(max(len(seqs[i]) for i in mb))
+                xm, ym, mm = x[mb, :T], y[mb, :T], mask[mb, :T]
+                policy.zero_grad()
+                logp = policy.logprobs(xm, ym).astype(np.float64)
+                loss, dlogp, clipfrac = clipped_surrogate(logp, logp_old[mb, :T], adv[mb, :T], mm, cfg.clip)
+                policy.backward(dlogp=dlogp)
+                if ptx is not None and cfg.ptx_coef > 0:
+                    xb, yb = ptx.batch("train", cfg.ptx_batch_size, policy.config.block_size, rng)
+                    pt.append(policy.loss(xb, yb))
+                    policy.backward(cfg.ptx_coef)
+                opt.step(policy.grad, cfg.learning_rate, cfg.grad_clip)
+                value.model.zero_grad()
+                value.head.grad.fill(0)
+                v, vback = value.values(xm)
+                vloss, dv = clipped_value_loss(v, v_old[mb, :T], ret[mb, :T], mm, cfg.value_clip)
+                vback(dv)
+                clip = _joint_clip(cfg.grad_clip, value.model.grad, value.head.grad)
+                vopt.step(value.model.grad, cfg.value_lr, 0.0 if clip is None else clip[0])
+                hopt.step(value.head.grad, cfg.value_lr, 0.0 if clip is None else clip[1])
+                pl.append(loss)
+                vl.append(vloss)
+                cf.append(clipfrac)
+        rec = {"iteration": it + 1, "reward": float(score.mean()), "kl": float(kl.mean()), "entropy": ent,
+               "clipfrac": float(np.mean(cf)), "policy_loss": float(np.mean(pl)), "value_loss": float(np.mean(vl)),
+               "response_tokens": float(mask.sum(1).mean()), "finished": float(np.mean(done)),
+               "seconds": time.perf_counter() - t0}
+        if pt:
+            rec["ptx_loss"] = float(np.mean(pt))
+        if scorer is not None:
+            dec = policy.tokenizer.decode
+            rec["true_score"] = float(np.mean(scorer(batch, [dec(s[p:len(s) - d]) for s, p, d in zip(seqs, plen, done)])))
+        history.append(rec)
+        with open(metrics, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if not quiet:
+            print(f"iter {it + 1}/{cfg.iterations}: reward {rec['reward']:+.3f} KL {rec['kl']:.3f} entropy "
+                  f"{ent:.3f} clip {rec['clipfrac']:.3f} value loss {rec['value_loss']:.4f}"
+                  + (f" true score {rec['true_score']:.3f}" if "true_score" in rec else "")
+                  + f" ({rec['seconds']:.1f}s)", file=stream, flush=True)
+    policy.config = dataclasses.replace(policy.config, dropout=ref.config.dropout)
+    save_checkpoint(out, policy, provenance={"created_by": "npgpt ppo", "policy": str(policy_dir),
+                                             "reward": str(reward_dir)})
+    conf = read_config(out)
+    conf["ppo"] = {**dataclasses.asdict(cfg), "ptx_data": str(ptx_data) if ptx_data else None}
+    atomic_write_json(out / "config.json", conf)
+    save_reward_model(out / "value", value, {"from": cfg.value_init}, kind="value")
+    plot_ppo(out)
+    return {"iterations": history}
+
+
+def plot_ppo(out: Path):
+    """ppo.png from metrics.jsonl (reward, KL, entropy, true score when logged), when matplotlib is
+    installed (an optional extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    recs = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    keys = [k for k in ("reward", "true_score", "kl", "entropy") if recs and k in recs[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
+    for ax, k in zip(np.atleast_1d(axes), keys):
+        ax.plot([r["iteration"] for r in recs], [r[k] for r in recs])
+        ax.set_title(k), ax.set_xlabel("iteration"), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(Path(out) / "ppo.png") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["PPOConfig", "ppo", "gae", "kl_rewards", "clipped_surrogate", "clipped_value_loss", "whiten", "rollout",
+           "ValueModel"]

@@ -1,0 +1,130 @@
+"""Supervised fine-tuning on demonstrations (InstructGPT step 1).
+
+Each demonstration is rendered with the chat template (npgpt.chat) and the loss is the mean next-token
+cross-entropy over the assistant's tokens only: the model learns to answer, not to imitate the prompts.
+Batches are right-padded (padding and prompt positions carry target -1). Cosine decay, several epochs, the
+checkpoint with the lowest validation loss is kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .chat import add_chat_tokens, encode_chat, fit_context, pad_batch, read_demos
+from .checkpoint import atomic_write_json, load_model, read_config, save_checkpoint
+from .errors import NpgptError
+from .optim import AdamW, lr_at
+from .params import decay_mask
+
+
+@dataclass
+class SFTConfig:
+    """InstructGPT-style defaults: cosine decay over several epochs."""
+    learning_rate: float = 1e-4
+    min_lr: float = 1e-5
+    batch_size: int = 16
+    epochs: int = 4
+    warmup_fraction: float = 0.03
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    val_fraction: float = 0.05   # held out of --data when no --val file is given
+    seed: int = 0
+
+
+def encode_demos(model, convs: list[list[dict]]) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(ids, target mask) per conversation, cut to the context from the left; returns (seqs, n_cut).
+    Conversations left with nothing to learn are dropped."""
+    seqs, cut = [], 0
+    for conv in convs:
+        t, m, was_cut = fit_context(*encode_chat(model, conv), model.config.block_size)
+        cut += was_cut
+        if sum(m[1:]):
+            seqs.append((t, m))
+    return seqs, cut
+
+
+def response_loss(model, seqs, batch_size: int = 32) -> float:
+    """Mean cross-entropy per response token over all of `seqs` (no dropout)."""
+    total, n = 0.0, 0
+    for b0 in range(0, len(seqs), batch_size):
+        x, y, _ = pad_batch(seqs[b0:b0 + batch_size])
+        lp = model.logprobs(x, y)
+        total -= float(lp.sum(dtype=np.float64))
+        n += int((y >= 0).sum())
+    model._saved = None
+    return total / max(n, 1)
+
+
+def sft(model_dir, data_file, out_dir, cfg: SFTConfig | None = None, *, val_file=None, skip_bad: bool = False,
+        force: bool = False, quiet: bool = False, stream=None) -> dict:
+    """Fine-tune `model_dir` on the demonstrations in `data_file` (see npgpt.chat.parse_demo for the
+    formats) and keep the lowest-validation-loss checkpoint in `out_dir`. Returns the history."""
+    cfg = cfg or SFTConfig()
+    stream = stream or sys.stderr
+    out = Path(out_dir)
+    if (out / "model.safetensors").exists() and not force:
+        raise NpgptError(f"{out} already holds a model; use --force to overwrite it")
+    demos, skipped = read_demos(data_file, skip_bad)
+    rng = np.random.default_rng(cfg.seed)
+    if val_file is not None:
+        val_demos, s2 = read_demos(val_file, skip_bad)
+        skipped += s2
+    else:
+        order = rng.permutation(len(demos))
+        n_val = int(round(len(demos) * cfg.val_fraction)) if len(demos) > 1 else 0
+        n_val = max(n_val, 1) if cfg.val_fraction > 0 and len(demos) > 1 else n_val
+        val_demos = [demos[i] for i in order[:n_val]]
+        demos = [demos[i] for i in order[n_val:]]
+    base = load_model(model_dir)
+    if base.flat is None:
+        raise NpgptError("a quantized model cannot be fine-tuned")
+    model = add_chat_tokens(base, cfg.seed)
+    train_seqs, cut = encode_demos(model, demos)
+    val_seqs, _ = encode_demos(model, val_demos)
+    if not train_seqs:
+        raise NpgptError(f"{data_file}: no demonstration has response tokens inside the context")
+    if not quiet:
+        print(f"npgpt sft: {len(train_seqs)} demonstrations ({len(val_seqs)} held out for validation"
+              + (f", {skipped} bad skipped" if skipped else "") + (f", {cut} cut to the context" if cut else "")
+              + f"), {cfg.epochs} epochs", file=stream, flush=True)
+
+    opt = AdamW(model.flat, decay_mask(model.config), weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_seqs) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_fraction * total))
+    history, best, step = [], None, 0
+    for epoch in range(cfg.epochs):
+        order = rng.permutation(len(train_seqs))
+        losses = []
+        for b0 in range(0, len(order), cfg.batch_size):
+            x, y, _ = pad_batch([train_seqs[i] for i in order[b0:b0 + cfg.batch_size]])
+            model.zero_grad()
+            loss = model.loss(x, y, train=True, rng=rng)
+            if not math.isfinite(loss):
+                raise NpgptError(f"loss became {loss} at epoch {epoch + 1}, step {step + 1}")
+            model.backward()
+            opt.step(model.grad, lr_at(step, cfg.learning_rate, cfg.min_lr, warmup, total), cfg.grad_clip)
+            losses.append(loss)
+            step += 1
+        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
+        if val_seqs:
+            rec["val_loss"] = response_loss(model, val_seqs)
+        history.append(rec)
+        if not quiet:
+            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}"
+                  + (f", val loss {rec['val_loss']:.4f}" if val_seqs else ""), file=stream, flush=True)
+        if best is None or rec.get("val_loss", -epoch) <= best.get("val_loss", -epoch):
+            best = rec
+            save_checkpoint(out, model, provenance={"created_by": "npgpt sft", "base": str(model_dir)})
+            conf = read_config(out)
+            conf["sft"] = {**dataclasses.asdict(cfg), "history": history, "skipped": skipped}
+            atomic_write_json(out / "config.json", conf)
+    return {"epochs": history, "best": best, "skipped": skipped, "cut": cut}
+
+
+__all__ = ["SFTConfig", "sft", "encode_demos", "response_loss"]
