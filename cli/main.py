@@ -143,9 +143,10 @@ def train(ctx, data, out, preset, config_file, resume, force, quiet):
 @click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--stop", multiple=True, help="Stop when the text contains this string (repeatable).")
 @click.option("--num-samples", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--chat", is_flag=True, help="PROMPT is a user message; print the assistant's reply (SFT models).")
 @threads_option
 def generate(prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
-             num_samples):
+             num_samples, chat):
     """Generate text from PROMPT ('-' reads stdin; default: a newline). Tokens stream as they are made."""
     from npgpt.sampling import TextStream
     if prompt == "-":
@@ -153,8 +154,16 @@ def generate(prompt, model, max_new_tokens, temperature, top_k, top_p, repetitio
     tok = model.tokenizer
     if tok is None:
         raise click.ClickException("this model has no tokenizer; cannot generate text")
+    eos_id = model.tokenizer.eot_id
     shown = prompt or ""
-    if not prompt:  # unconditional: start from <|endoftext|> (GPT-2) or a newline (char models)
+    if chat:  # the SFT template: <|user|>PROMPT<|end|><|assistant|> ... <|end|>
+        from npgpt.chat import chat_ids, encode_chat, prompt_messages
+        if not prompt:
+            raise click.ClickException("--chat needs a PROMPT (the user's message)")
+        prompt = encode_chat(model, prompt_messages(prompt.strip()), generation_prompt=True)[0]
+        eos_id, shown = chat_ids(model)["<|end|>"], ""
+        stop = (*stop, "<|end|>")
+    elif not prompt:  # unconditional: start from <|endoftext|> (GPT-2) or a newline (char models)
         prompt = [tok.eot_id] if tok.eot_id is not None else "\n"
         shown = "" if tok.eot_id is not None else "\n"
     for i in range(num_samples):
@@ -164,7 +173,7 @@ def generate(prompt, model, max_new_tokens, temperature, top_k, top_p, repetitio
         s = None if seed is None else seed + i
         stream = TextStream(model, stop=list(stop))
         model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       repetition_penalty=repetition_penalty, stop=list(stop) or None, eos_id=model.tokenizer.eot_id,
+                       repetition_penalty=repetition_penalty, stop=list(stop) or None, eos_id=eos_id,
                        seed=s, on_token=stream)
         stream.close()
         click.echo()
@@ -207,6 +216,130 @@ def predict(model_dir, file, out):
         atomic_write_bytes(out, lines.encode())
     else:
         click.echo(lines, nl=False)
+
+
+# ---------------------------------------------------------------- InstructGPT: SFT, reward model, PPO, DPO
+def _skip_note(r: dict):
+    if r.get("skipped"):
+        click.echo(f"skipped {r['skipped']} bad records", err=True)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Pretrained checkpoint dir.")
+@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False),
+              help='JSON lines: {"prompt", "response"} or {"messages": [...]} (also instruction/input/output).')
+@click.option("--val", "val_file", default=None, type=click.Path(dir_okay=False), help="Validation demonstrations (default: hold out --val_fraction).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Dir for the best checkpoint.")
+@click.option("--skip-bad", is_flag=True, help="Skip bad records (with a count) instead of stopping.")
+@click.option("--force", is_flag=True, help="Overwrite a model in --out.")
+@click.option("--quiet", is_flag=True)
+@threads_option
+@click.pass_context
+def sft(ctx, model_dir, data_file, val_file, out, skip_bad, force, quiet):
+    """Supervised fine-tuning on demonstrations (loss on the responses only). Override the defaults with
+    --learning_rate, --min_lr, --batch_size, --epochs, --warmup_fraction, --val_fraction, --seed ..."""
+    from npgpt.config import apply_overrides, parse_overrides
+    from npgpt.sft import SFTConfig, sft as run
+    r = run(model_dir, data_file, out, apply_overrides(SFTConfig(), parse_overrides(ctx.args)), val_file=val_file,
+            skip_bad=skip_bad, force=force, quiet=quiet)
+    _skip_note(r)
+    b = r["best"]
+    click.echo(f"saved {out} (epoch {b['epoch']}" + (f", val loss {b['val_loss']:.4f}" if "val_loss" in b else "") + ")")
+
+
+@cli.group(cls=_Group)
+def reward():
+    """Reward models: train one from comparisons, score responses."""
+
+
+@reward.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="SFT checkpoint dir to start from.")
+@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False),
+              help='JSON lines: {"prompt", "chosen", "rejected"}, {"prompt", "responses", "ranking"} or HH {"chosen", "rejected"}.')
+@click.option("--val", "val_file", default=None, type=click.Path(dir_okay=False), help="Held-out comparisons (default: hold out --val_fraction).")
+@click.option("--demos", "demos_file", default=None, type=click.Path(dir_okay=False),
+              help="Demonstrations that should score 0 on average (default: the best-ranked training responses).")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--skip-bad", is_flag=True, help="Skip bad records (with a count) instead of stopping.")
+@click.option("--force", is_flag=True, help="Overwrite a model in --out.")
+@click.option("--quiet", is_flag=True)
+@threads_option
+@click.pass_context
+def reward_train(ctx, model_dir, data_file, val_file, demos_file, out, skip_bad, force, quiet):
+    """Train a reward model: -log sigmoid(r_w - r_l) over all pairs of each prompt. Override the defaults
+    with --learning_rate, --batch_size, --epochs, --val_fraction, --seed ..."""
+    from npgpt.config import apply_overrides, parse_overrides
+    from npgpt.reward import RewardConfig, train_reward
+    r = train_reward(model_dir, data_file, out, apply_overrides(RewardConfig(), parse_overrides(ctx.args)),
+                     val_file=val_file, demos_file=demos_file, skip_bad=skip_bad, force=force, quiet=quiet)
+    _skip_note(r)
+    b = r["best"]
+    click.echo(f"saved {out} (epoch {b['epoch']}" + (f", val pair accuracy {b['val_acc']:.4f}" if "val_acc" in b else "")
+               + ")")
+
+
+@reward.command("score")
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Reward model dir.")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--skip-bad", is_flag=True, help="Skip bad records instead of stopping.")
+@threads_option
+def reward_score(model_dir, file, skip_bad):
+    """Print one JSON line of rewards per record of FILE (demonstrations or comparisons)."""
+    import json
+
+    from npgpt.reward import score_file
+    for r in score_file(model_dir, file, skip_bad):
+        click.echo(json.dumps(r))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--policy", "policy_dir", required=True, type=click.Path(), help="SFT checkpoint dir (also the KL reference).")
+@click.option("--reward", "reward_dir", required=True, type=click.Path(), help="Reward model dir.")
+@click.option("--prompts", "prompts_file", required=True, type=click.Path(dir_okay=False),
+              help='One prompt per line, or JSON lines with "prompt".')
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--ptx-data", default=None, type=click.Path(file_okay=False), help="Prepared pretraining data dir for PPO-ptx.")
+@click.option("--ptx-coef", default=None, type=click.FloatRange(min=0), help="Weight of the pretraining LM loss (default 1 with --ptx-data).")
+@click.option("--force", is_flag=True, help="Overwrite a model in --out.")
+@click.option("--quiet", is_flag=True)
+@threads_option
+@click.pass_context
+def ppo(ctx, policy_dir, reward_dir, prompts_file, out, ptx_data, ptx_coef, force, quiet):
+    """PPO against a reward model with a per-token KL penalty to the SFT policy (and PPO-ptx). Override
+    the defaults with --iterations, --batch_size, --kl_coef, --learning_rate, --clip, --max_new_tokens ..."""
+    from npgpt.config import apply_overrides, parse_overrides
+    from npgpt.ppo import PPOConfig, ppo as run
+    cfg = apply_overrides(PPOConfig(), parse_overrides(ctx.args))
+    if ptx_coef is not None:
+        cfg.ptx_coef = ptx_coef
+    elif ptx_data is not None and cfg.ptx_coef == 0:
+        cfg.ptx_coef = 1.0
+    r = run(policy_dir, reward_dir, prompts_file, out, cfg, ptx_data=ptx_data, force=force, quiet=quiet)
+    last = r["iterations"][-1] if r["iterations"] else {}
+    click.echo(f"saved {out}" + (f" (last iteration: reward {last['reward']:+.3f}, KL {last['kl']:.3f})" if last else ""))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="SFT checkpoint dir (also the reference).")
+@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False), help="Comparisons, as for `reward train`.")
+@click.option("--val", "val_file", default=None, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--skip-bad", is_flag=True, help="Skip bad records (with a count) instead of stopping.")
+@click.option("--force", is_flag=True, help="Overwrite a model in --out.")
+@click.option("--quiet", is_flag=True)
+@threads_option
+@click.pass_context
+def dpo(ctx, model_dir, data_file, val_file, out, skip_bad, force, quiet):
+    """Direct Preference Optimization (beta 0.1, reference = the starting model). Override the defaults
+    with --beta, --learning_rate, --batch_size, --epochs ..."""
+    from npgpt.config import apply_overrides, parse_overrides
+    from npgpt.dpo import DPOConfig, dpo as run
+    r = run(model_dir, data_file, out, apply_overrides(DPOConfig(), parse_overrides(ctx.args)), val_file=val_file,
+            skip_bad=skip_bad, force=force, quiet=quiet)
+    _skip_note(r)
+    e = r["epochs"][-1]
+    click.echo(f"saved {out} (implicit reward accuracy: train {e['train_reward_acc']:.4f}"
+               + (f", val {e['val_reward_acc']:.4f}" if "val_reward_acc" in e else "") + ")")
 
 
 # ---------------------------------------------------------------- evaluation

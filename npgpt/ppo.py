@@ -240,7 +240,8 @@ def ppo(policy_dir, reward_dir, prompts_file, out_dir, cfg: PPOConfig | None = N
         logp_ref = ref.logprobs(x, y).astype(np.float64)
         v_old = value.values(x)[0]
         end = chat_ids(policy)["<|end|>"]
-        score = rm.score([s if d else s + [end] for s, d in zip(seqs, done)])
+        # the reward model reads the end token; a response cut by max_new_tokens gets one appended
+        score = rm.score([(s if d else s + [end])[-policy.config.block_size:] for s, d in zip(seqs, done)])
         rewards, kl = kl_rewards(logp_old, logp_ref, mask, score, cfg.kl_coef)
         adv, ret = gae(rewards, v_old, mask, cfg.gamma, cfg.lam)
         adv = whiten(adv, mask)
