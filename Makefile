@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-ref bench fixtures clean experiment-gpt1 experiment-fewshot
+.PHONY: install demo test test-ref bench fixtures clean experiment-gpt1 experiment-fewshot experiment-rlhf
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -47,6 +47,10 @@ experiment-gpt1: $(STAMP)
 # GPT-3: accuracy rises with the number of in-context demonstrations
 experiment-fewshot: $(STAMP)
 	$(BIN)/python examples/fewshot_icl.py
+
+# InstructGPT: pretrain -> SFT -> reward model -> PPO (with/without KL, with ptx) and DPO on a hidden rule
+experiment-rlhf: $(STAMP)
+	$(BIN)/python examples/rlhf_synthetic.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
