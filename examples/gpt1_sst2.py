@@ -1,10 +1,14 @@
 """GPT-1's core result at small scale: generative pretraining on unlabelled text, then discriminative
 fine-tuning, beats the same architecture trained on the labelled data alone.
 
-Pretraining corpus: War and Peace (public domain), lower-cased to match SST-2's text. Labelled data:
-SST-2 sentence-level binary (train 6,920 / dev 872), which we may use but not ship: pass its folder.
+Pretraining corpus (unlabelled, lower-cased to match SST-2's text): War and Peace, LAMBADA's passages
+(modern novels, the BooksCorpus genre GPT-1 pretrained on), WikiText-2 valid, and the SST-2 *training
+sentences without their labels* -- the semi-supervised setting GPT-1 addresses: plenty of unlabelled text,
+few labels. Dev sentences are never seen in pretraining. Labelled data: SST-2 sentence-level binary
+(train 6,920 / dev 872), which we may use but not ship: pass its folder.
 
-    python examples/gpt1_sst2.py --sst2 ../shared/data/sst2 --warpeace ../shared/data/warpeace/warpeace_input.txt
+    python examples/gpt1_sst2.py --sst2 ../shared/data/sst2 --warpeace ../shared/data/warpeace/warpeace_input.txt \
+        --lambada ../shared/data/lambada/lambada_test.jsonl --wikitext ../shared/data/wikitext2/valid.txt
 
 Both arms share the tokenizer (a BPE trained on the pretraining corpus), the architecture, the
 fine-tuning recipe and the seed; only the starting weights differ.
@@ -41,8 +45,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sst2", required=True, help="folder with stsa.binary.train and stsa.binary.dev")
     ap.add_argument("--warpeace", required=True, help="War and Peace text file")
+    ap.add_argument("--lambada", help="LAMBADA JSON lines (novel passages), optional extra pretraining text")
+    ap.add_argument("--wikitext", help="WikiText-2 text, optional extra pretraining text")
     ap.add_argument("--out", default="runs/gpt1")
-    ap.add_argument("--iters", type=int, default=4000)
+    ap.add_argument("--iters", type=int, default=8000)
+    ap.add_argument("--threads", type=int, default=0, help="threads for pretraining (0: all cores)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--sizes", default="300,1000", help="low-resource training subset sizes")
     ap.add_argument("--seeds", type=int, default=3, help="fine-tuning runs (subset + seed) per low-resource size")
@@ -60,14 +67,22 @@ def main():
         for seed in range(args.seeds):
             sst2_to_jsonl(sst2 / "stsa.binary.train", out / f"train-{n}-{seed}.jsonl", size=n, seed=seed)
     sst2_to_jsonl(sst2 / "stsa.binary.dev", out / "dev.jsonl")
-    text = Path(args.warpeace).read_text(encoding="utf-8").replace("\r\n", "\n").replace("\r", "\n").lower()
-    (out / "warpeace_lower.txt").write_text(text)
+    corpus = [Path(args.warpeace).read_text(encoding="utf-8").replace("\r\n", "\n").replace("\r", "\n")]
+    if args.lambada:
+        corpus += [json.loads(line)["text"] for line in Path(args.lambada).read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
+    if args.wikitext:
+        corpus.append(Path(args.wikitext).read_text(encoding="utf-8"))
+    corpus += [line.split(" ", 1)[1] for line in (sst2 / "stsa.binary.train").read_text(encoding="utf-8").splitlines()
+               if line.strip()]  # the labels stay behind
+    (out / "pretrain.txt").write_text("\n\n".join(corpus).lower())
 
     t0 = time.time()
     if args.retrain or not (out / "pretrained" / "model.safetensors").is_file():
-        npgpt.prepare([out / "warpeace_lower.txt"], out / "data", "bpe:2048", force=True)
-        arch = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "64"]
-        subprocess.run([sys.executable, "-m", "npgpt_cli.main", "train", "--data", str(out / "data"), "--out",
+        npgpt.prepare([out / "pretrain.txt"], out / "data", "bpe:4096", val_fraction=0.05, force=True)
+        arch = ["--n_layer", "4", "--n_head", "4", "--n_embd", "192", "--block_size", "64"]
+        threads = ["--threads", str(args.threads)] if args.threads else []
+        subprocess.run([sys.executable, "-m", "npgpt_cli.main", "train", *threads, "--data", str(out / "data"), "--out",
                         str(out / "pretrained"), "--force", *arch, "--batch_size", "32", "--max_iters",
                         str(args.iters), "--learning_rate", "1e-3", "--min_lr", "1e-4", "--eval_interval", "500",
                         "--dropout", "0.1"], check=True)

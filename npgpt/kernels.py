@@ -102,6 +102,44 @@ def gelu_bwd(dout, x, dx):
         dx[i] = dout[i] * (_F(0.5) * (_F(1.0) + t) + _F(0.5) * v * (_F(1.0) - t * t) * dinner)
 
 
+# float32 tanh as a rational function, x P(x^2) / Q(x^2) on [-9, 9] (tanh is +-1 in float32 beyond):
+# pure multiply-adds and one division, which LLVM vectorises (16 lanes with AVX-512), where the exp above
+# is a scalar libm call per element. Coefficients fitted for this project by iteratively reweighted least
+# squares; max error 3.5e-7 over the line (float32 rounding of tanh itself is 6e-8). Training only: the
+# float64 gradient checks use the exact kernels above.
+_TP = (np.float32(9.9999982e-01), np.float32(1.2915818e-01), np.float32(2.9172308e-03), np.float32(9.2376340e-06),
+       np.float32(-1.2700102e-08), np.float32(1.8072238e-11))
+_TQ = (np.float32(1.0), np.float32(4.6249083e-01), np.float32(2.3748361e-02), np.float32(2.2762881e-04))
+
+
+@nb.njit(**_jit)
+def _tanh_f32(u):
+    u = min(max(u, _F(-9.0)), _F(9.0))
+    u2 = u * u
+    p = ((((_TP[5] * u2 + _TP[4]) * u2 + _TP[3]) * u2 + _TP[2]) * u2 + _TP[1]) * u2 + _TP[0]
+    q = ((_TQ[3] * u2 + _TQ[2]) * u2 + _TQ[1]) * u2 + _TQ[0]
+    return u * p / q
+
+
+@nb.njit(**_jit)
+def gelu_fwd_f32(x, out):
+    """gelu_fwd for float32 with the vectorisable tanh."""
+    for i in range(x.size):
+        v = x[i]
+        t = _tanh_f32(_F(GELU_C) * (v + _F(0.044715) * v * v * v))
+        out[i] = _F(0.5) * v * (_F(1.0) + t)
+
+
+@nb.njit(**_jit)
+def gelu_bwd_f32(dout, x, dx):
+    """gelu_bwd for float32 with the vectorisable tanh."""
+    for i in range(x.size):
+        v = x[i]
+        t = _tanh_f32(_F(GELU_C) * (v + _F(0.044715) * v * v * v))
+        dinner = _F(GELU_C) * (_F(1.0) + _F(3.0 * 0.044715) * v * v)
+        dx[i] = dout[i] * (_F(0.5) * (_F(1.0) + t) + _F(0.5) * v * (_F(1.0) - t * t) * dinner)
+
+
 @nb.njit(**_jit)
 def causal_softmax_fwd(att, scale, q_offset, kstart):
     """In place over scores att [B, H, Tq, Tk]: row i of batch b keeps keys kstart[b] <= j <= q_offset + i

@@ -82,10 +82,11 @@ def layernorm_backward(dout, cache, w, dw, db):
 # ---------------------------------------------------------------- linear (HF Conv1D layout: w is [in, out])
 def linear_forward(x, w, b):
     """x [..., in] @ w [in, out] + b [out] -> [..., out]. b may be None."""
-    out = x @ w
+    # one [N, in] @ [in, out] GEMM: NumPy's matmul on a [B, T, in] stack calls BLAS once per batch row
+    out = x.reshape(-1, x.shape[-1]) @ w
     if b is not None:
         out += b
-    return out
+    return out.reshape(*x.shape[:-1], w.shape[1])
 
 
 def linear_backward(dout, x, w, dw, db):
@@ -95,7 +96,7 @@ def linear_backward(dout, x, w, dw, db):
     dw += x2.T @ d2
     if db is not None:
         db += d2.sum(axis=0)
-    return dout @ w.T
+    return (d2 @ w.T).reshape(*dout.shape[:-1], w.shape[0])
 
 
 # ---------------------------------------------------------------- GELU (tanh approximation, as GPT-2)
@@ -108,7 +109,7 @@ def gelu_forward(x, save=True):
         return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + 0.044715 * x * x * x)))
     x = np.ascontiguousarray(x)
     out = np.empty_like(x)
-    K.gelu_fwd(x.reshape(-1), out.reshape(-1))
+    (K.gelu_fwd_f32 if x.dtype == np.float32 else K.gelu_fwd)(x.reshape(-1), out.reshape(-1))
     return out
 
 
@@ -116,7 +117,7 @@ def gelu_backward(dout, x):
     """dout [...] -> dx [...] (x is the forward's input)."""
     dout = np.ascontiguousarray(dout)
     dx = np.empty_like(x)
-    K.gelu_bwd(dout.reshape(-1), x.reshape(-1), dx.reshape(-1))
+    (K.gelu_bwd_f32 if x.dtype == np.float32 else K.gelu_bwd)(dout.reshape(-1), x.reshape(-1), dx.reshape(-1))
     return dx
 
 
