@@ -132,7 +132,8 @@ def evaluate(model_dir, sft_dir, rm_dir, prompts, n=192, seed=123, max_new_token
     kl = (pol.logprobs(x, y).astype(np.float64) - sft.logprobs(x, y)).sum(1)
     block = pol.config.block_size
     rew = rm.score([(s if d else s + [end])[-block:] for s, d in zip(seqs, done)])
-    return {"true_score": float(np.mean([true_score(p, t) for p, t in zip(ps, texts)])),
+    scores = [true_score(p, t) for p, t in zip(ps, texts)]
+    return {"true_score": float(np.mean(scores)), "true_score_se": float(np.std(scores) / np.sqrt(n)),
             "reward": float(rew.mean()), "kl": float(kl.mean()),
             "tokens": float(np.mean([len(s) - p for s, p in zip(seqs, plen)])), "example": f"{ps[0]} -> {texts[0]}"}
 
@@ -201,14 +202,38 @@ def main():
 
     results = {"reward_model_val_acc": r["best"]["val_acc"], "seconds": times, "rows": {}}
     print(f"\nheld-out prompts: {len(held_prompts)}; 192 samples per row at temperature 1; true score 0..3")
-    print(f"{'policy':<20} {'true score':>10} {'RM reward':>10} {'KL to SFT':>10} {'tokens':>7}")
+    print(f"{'policy':<20} {'true score':>15} {'RM reward':>10} {'KL to SFT':>10} {'tokens':>7}")
     for name, d in rows.items():
         e = evaluate(d, out / "sft", out / "rm", held_prompts)
         results["rows"][name] = e
-        print(f"{name:<20} {e['true_score']:>10.3f} {e['reward']:>10.3f} {e['kl']:>10.2f} {e['tokens']:>7.1f}")
+        print(f"{name:<20} {e['true_score']:>8.3f} +- {e['true_score_se']:.3f} {e['reward']:>10.3f} {e['kl']:>10.2f} "
+              f"{e['tokens']:>7.1f}")
     for name, e in results["rows"].items():
         print(f"  {name}: {e['example']}")
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(out, Path(__file__).with_name("rlhf.png"))
+
+
+def plot(out: Path, png: Path):
+    """True score and KL per PPO iteration for the three PPO runs (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for name, d in (("PPO", "ppo"), ("PPO-ptx", "ppo-ptx"), ("PPO, no KL penalty", "ppo-nokl")):
+        recs = [json.loads(ln) for ln in (out / d / "metrics.jsonl").read_text().splitlines()]
+        it = [r["iteration"] for r in recs]
+        for ax, key in zip(axes, ("true_score", "reward", "kl")):
+            ax.plot(it, [r[key] for r in recs], label=name)
+    for ax, title in zip(axes, ("true score (hidden rule, 0..3)", "reward model score", "KL to SFT (nats/response)")):
+        ax.set_title(title), ax.set_xlabel("PPO iteration"), ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
