@@ -272,7 +272,11 @@ class GPT:
             H = cfg.n_head
             dy = dy.reshape(B, T, H, -1).transpose(0, 2, 1, 3)
             dq, dk, dv = attention_backward(dy, a["q"], a["k"], a["v"], a["att"])
-            dqkv = np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, T, -1)
+            # inverse of split_heads, written in one pass: dqkv [B, T, 3, H, D] <- d{q,k,v} [B, H, T, D]
+            dqkv = np.empty((B, T, 3, H, dq.shape[-1]), dq.dtype)
+            for i, d in enumerate((dq, dk, dv)):
+                dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
+            dqkv = dqkv.reshape(B, T, -1)
             dh = linear_backward(dqkv, a["attn_in"], w("attn.c_attn.weight"), dw("attn.c_attn.weight"),
                                  dw("attn.c_attn.bias"))
             if pre:
