@@ -72,6 +72,25 @@ def test_gelu_float32_stays_float32(rng):
     assert L.gelu_backward(x, x).dtype == np.float32
 
 
+def test_gelu_float32_rational_tanh_is_accurate():
+    """The float32 kernels' rational tanh, over the whole line: GELU and its derivative against float64."""
+    x64 = np.linspace(-12, 12, 200_001)
+    x = x64.astype(np.float32)
+    xr = x.astype(np.float64)
+    u = math.sqrt(2 / math.pi) * (xr + 0.044715 * xr ** 3)
+    t = np.tanh(u)
+    ref = 0.5 * xr * (1 + t)
+    dref = 0.5 * (1 + t) + 0.5 * xr * (1 - t * t) * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * xr ** 2)
+    out = L.gelu_forward(x).astype(np.float64)
+    d = L.gelu_backward(np.ones_like(x), x).astype(np.float64)
+    assert np.all(np.abs(out - ref) <= 1e-6 * np.maximum(1.0, np.abs(ref)))
+    assert np.abs(d - dref).max() < 1e-5
+    small = np.abs(x) < 4
+    assert np.abs(d - dref)[small].max() < 3e-6
+    big = np.array([-1e4, -50.0, 50.0, 1e4], np.float32)  # saturated: exactly 0 and 1, as float32 tanh gives
+    np.testing.assert_array_equal(L.gelu_backward(np.ones_like(big), big), [0, 0, 1, 1])
+
+
 def test_embedding_backward(rng):
     idx = rng.integers(0, 5, (2, 4))
     wte, wpe = rng.standard_normal((5, 3)), rng.standard_normal((6, 3))
