@@ -111,8 +111,12 @@ def main():
     model = npgpt.load(CKPT)
     prompt = np.random.default_rng(0).integers(0, 50257, (1, args.prompt))
     weight_bytes = model.flat.nbytes
+    # every decoded token reads all weights and the KV cache so far: 2 (k, v) x layers x C floats per
+    # position, at the mean position of the timed decode
+    cfg = model.config
+    kv_bytes = 2 * cfg.n_layer * cfg.n_embd * 4 * (args.prompt + args.new / 2)
     bw = stream_bandwidth()
-    bound = bw / weight_bytes
+    bound = bw / (weight_bytes + kv_bytes)
     flops = sgemm_flops()
     pre, dec = npgpt_figures(model, prompt, args.new)
     q8 = npgpt.load(int8_dir)
@@ -131,8 +135,9 @@ def main():
     def ratio(a, b):
         return f"{a / b:.2f}x" if b else "n/a (transformers not installed)"
 
-    print(f"GPT-2 124M fp32, batch 1, {args.threads} threads; weights {weight_bytes / 1e6:.0f} MB; "
-          f"stream bandwidth {bw / 1e9:.1f} GB/s -> bound {bound:.1f} tok/s")
+    print(f"GPT-2 124M fp32, batch 1, {args.threads} threads; weights {weight_bytes / 1e6:.0f} MB + KV cache "
+          f"{kv_bytes / 1e6:.0f} MB read per token; stream bandwidth {bw / 1e9:.1f} GB/s -> bound {bound:.1f} tok/s "
+          f"(weights alone: {bw / weight_bytes:.1f})")
     print(f"{'prefill (' + str(args.prompt) + ' tokens)':<28} npgpt {pre:8.1f} tok/s | transformers "
           f"{hf_pre or 0:8.1f} tok/s | ratio {ratio(pre, hf_pre)}")
     print(f"{'decode (' + str(args.new) + ' tokens)':<28} npgpt {dec:8.1f} tok/s | transformers "
@@ -141,7 +146,7 @@ def main():
           f"GFLOP/s | sgemm {flops / 1e9:.1f} GFLOP/s | {pre * prefill_flops_per_token(model.config, args.prompt) / flops:.0%}")
     print(f"{'decode int8':<28} npgpt {q8_dec:8.1f} tok/s | transformers {hf_dec or 0:8.1f} tok/s | ratio "
           f"{ratio(q8_dec, hf_dec)} | {q8_dec / dec:.2f}x npgpt fp32 | weights {q8_bytes / 1e6:.0f} MB, "
-          f"bound {bw / q8_bytes:.0f} tok/s")
+          f"bound {bw / (q8_bytes + kv_bytes):.0f} tok/s")
     print(f"{'prefill int8':<28} npgpt {q8_pre:8.1f} tok/s | ratio vs transformers fp32 {ratio(q8_pre, hf_pre)}")
 
 

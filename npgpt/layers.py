@@ -174,6 +174,13 @@ def attention_forward(q, k, v, q_offset=0, dropout=0.0, rng=None, pad=None, save
         for b, h, t0, t1, p in _attention_tiles(q, k, kstart, scale, q_offset, save):
             y[b, h, t0:t1] = p @ v[b, h, :q_offset + t1]
         return y, (None, None, scale, q_offset, kstart) if save else None
+    if not save and Tq == 1 and not kstart.any():  # decoding one token: every cached key is visible
+        s = q @ k.swapaxes(-1, -2)
+        s *= scale
+        s -= s.max(-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(-1, keepdims=True)
+        return s @ v, None
     if not save:
         return causal_softmax(q @ k.swapaxes(-1, -2) * scale, q_offset, kstart) @ v, None
     att = np.ascontiguousarray(q @ k.swapaxes(-1, -2))

@@ -85,7 +85,7 @@ class GPT:
         x = self._body(idx, kv=kv, pad=pad)
         if last_only:
             x = x[:, -1:]
-        return x @ self.params["wte.weight"].T
+        return self._head(x)
 
     def loss(self, idx, targets, *, train: bool = False, rng: np.random.Generator | None = None) -> float:
         """Mean cross-entropy of next-token prediction. idx, targets [B, T] (targets < 0 are ignored).
@@ -117,12 +117,17 @@ class GPT:
             raise NpgptError(f"targets {targets.shape} must have the shape of the ids {idx.shape}")
         acts = {"idx": idx, "layers": [], "rng": rng if train else None}
         xf = self._body(idx, acts=acts)
-        logits = xf @ self.params["wte.weight"].T
+        logits = self._head(xf)
         N = idx.size
         nll = token_nll(logits.reshape(N, -1), targets.reshape(N))
         acts.update(xf=xf, logits=logits, targets=targets)
         self._saved = acts
         return nll
+
+    def _head(self, x):
+        """The tied LM head: x [B, T, C] -> logits [B, T, V] = x @ wte^T, as one 2-D product."""
+        wte = self.params["wte.weight"]
+        return (x.reshape(-1, x.shape[-1]) @ wte.T).reshape(*x.shape[:-1], wte.shape[0])
 
     @property
     def hidden(self) -> np.ndarray:
