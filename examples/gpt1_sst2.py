@@ -49,12 +49,14 @@ def main():
     ap.add_argument("--wikitext", help="WikiText-2 text, optional extra pretraining text")
     ap.add_argument("--out", default="runs/gpt1")
     ap.add_argument("--iters", type=int, default=8000)
-    ap.add_argument("--threads", type=int, default=0, help="threads for pretraining (0: all cores)")
+    ap.add_argument("--threads", type=int, default=0, help="threads (0: all cores)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--sizes", default="300,1000", help="low-resource training subset sizes")
     ap.add_argument("--seeds", type=int, default=3, help="fine-tuning runs (subset + seed) per low-resource size")
     ap.add_argument("--retrain", action="store_true", help="pretrain again even if --out holds a model")
     args = ap.parse_args()
+    if args.threads:
+        npgpt.set_threads(args.threads)
     sst2, out = Path(args.sst2), Path(args.out)
     for f in ("stsa.binary.train", "stsa.binary.dev"):
         if not (sst2 / f).is_file():

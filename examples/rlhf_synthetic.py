@@ -92,7 +92,7 @@ def write_jsonl(path: Path, recs):
     return path
 
 
-def make_data(out: Path, train_prompts, rng, n_demos=3000, n_pairs=3000, n_pretrain=30000):
+def make_data(out: Path, train_prompts, rng, n_demos=3000, n_pairs=6000, n_pretrain=30000):
     corpus = []
     for _ in range(n_pretrain):
         p = rng.choice(train_prompts)
@@ -142,7 +142,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/rlhf")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--ppo-iters", type=int, default=60)
+    ap.add_argument("--ppo-iters", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     import npgpt
@@ -176,7 +176,7 @@ def main():
     print(f"sft: {times['sft']:.0f}s", flush=True)
 
     t = time.time()
-    r = train_reward(out / "sft", out / "prefs.jsonl", out / "rm", RewardConfig(learning_rate=3e-4, epochs=3),
+    r = train_reward(out / "sft", out / "prefs.jsonl", out / "rm", RewardConfig(learning_rate=3e-4, epochs=2),
                      demos_file=out / "demos.jsonl", force=True, quiet=True)
     times["reward"] = time.time() - t
     print(f"reward model: {times['reward']:.0f}s, held-out pair accuracy {r['best']['val_acc']:.3f}", flush=True)
