@@ -93,7 +93,7 @@ def evaluate_dpo(model, items, beta, batch_size=16) -> tuple[float, float]:
         losses += loss * len(w)
         accs += acc * len(w)
         n += len(w)
-    model._saved = None
+    model.drop_activations()
     return losses / n, accs / n
 
 
@@ -124,7 +124,7 @@ def dpo(model_dir, data_file, out_dir, cfg: DPOConfig | None = None, *, val_file
     for group in (items, val_items):
         for it in group:
             it["ref"] = list(sequence_logprobs(model, it["seqs"])[0])
-    model._saved = None
+    model.drop_activations()
     n_pairs = sum(len(it["pairs"]) for it in items)
     if not quiet:
         print(f"npgpt dpo: {len(items)} prompts, {n_pairs} pairs ({len(val_items)} prompts held out"

@@ -124,6 +124,10 @@ class GPT:
         self._saved = acts
         return nll
 
+    def drop_activations(self):
+        """Free what the last loss()/logprobs()/features() kept for a backward (after evaluation-only calls)."""
+        self._saved = None
+
     def _head(self, x):
         """The tied LM head: x [B, T, C] -> logits [B, T, V] = x @ wte^T, as one 2-D product."""
         wte = self.params["wte.weight"]

@@ -76,7 +76,7 @@ class RewardModel:
     def score(self, seqs: list[list[int]], batch_size: int = 32) -> np.ndarray:
         """Rewards [N] (float64) of id sequences, no dropout."""
         out = [self.forward(seqs[b0:b0 + batch_size])[0] for b0 in range(0, len(seqs), batch_size)]
-        self.model._saved = None
+        self.model.drop_activations()
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
     def score_text(self, prompts: list, responses: list[str]) -> np.ndarray:

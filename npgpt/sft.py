@@ -56,7 +56,7 @@ def response_loss(model, seqs, batch_size: int = 32) -> float:
         lp = model.logprobs(x, y)
         total -= float(lp.sum(dtype=np.float64))
         n += int((y >= 0).sum())
-    model._saved = None
+    model.drop_activations()
     return total / max(n, 1)
 
 
@@ -118,7 +118,7 @@ def sft(model_dir, data_file, out_dir, cfg: SFTConfig | None = None, *, val_file
         if not quiet:
             print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}"
                   + (f", val loss {rec['val_loss']:.4f}" if val_seqs else ""), file=stream, flush=True)
-        if best is None or rec.get("val_loss", -epoch) <= best.get("val_loss", -epoch):
+        if best is None or "val_loss" not in rec or rec["val_loss"] <= best["val_loss"]:  # no val: the last
             best = rec
             save_checkpoint(out, model, provenance={"created_by": "npgpt sft", "base": str(model_dir)})
             conf = read_config(out)

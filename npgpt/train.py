@@ -33,7 +33,7 @@ def estimate_loss(model: GPT, data: TokenData, split: str, iters: int, batch_siz
     rng = np.random.default_rng([seed, 1 if split == "val" else 0])
     T = model.config.block_size
     losses = [model.loss(*data.batch(split, batch_size, T, rng)) for _ in range(iters)]
-    model._saved = None
+    model.drop_activations()
     return float(np.mean(losses))
 
 
