@@ -11,7 +11,6 @@ assistant turns are the training targets.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -93,24 +92,9 @@ def render(messages: list[dict]) -> str:
 
 # ---------------------------------------------------------------- reading files
 def _records(path) -> list[tuple[int, dict]]:
-    path = Path(path)
-    if not path.is_file():
-        raise NpgptError(f"data file not found: {path}")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NpgptError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(r, dict):
-                raise NpgptError(f"{path}:{n}: expected a JSON object")
-            out.append((n, r))
-    if not out:
-        raise NpgptError(f"{path}: no records")
-    return out
+    """(line number, record) of a JSON-lines file; bad JSON names its line."""
+    from .evaluate import read_jsonl
+    return [(r.pop("_line"), r) for r in read_jsonl(path)]
 
 
 class _Bad(Exception):
@@ -259,6 +243,32 @@ def read_prompts(path) -> list[list[dict]]:
         else:
             raise NpgptError(f"{path}:{n}: missing field 'prompt'")
     return out
+
+
+def read_split(read, data_file, val_file, val_fraction: float, skip_bad: bool, rng):
+    """(train, validation, bad records skipped) with `read` (read_demos or read_preferences): the
+    validation records come from val_file, or a seeded val_fraction of data_file is held out (at least
+    one record when there are two or more)."""
+    recs, skipped = read(data_file, skip_bad)
+    if val_file is not None:
+        val, s2 = read(val_file, skip_bad)
+        return recs, val, skipped + s2
+    n_val = max(1, int(round(len(recs) * val_fraction))) if val_fraction > 0 and len(recs) > 1 else 0
+    order = rng.permutation(len(recs))
+    return [recs[i] for i in order[n_val:]], [recs[i] for i in order[:n_val]], skipped
+
+
+def start_model(model_dir, out_dir, force: bool, seed: int):
+    """The model a chat-training command starts from (a writable copy with the chat tokens), after
+    checking that out_dir may be written."""
+    from .checkpoint import load_model
+    out = Path(out_dir)
+    if (out / "model.safetensors").exists() and not force:
+        raise NpgptError(f"{out} already holds a model; use --force to overwrite it")
+    base = load_model(model_dir)
+    if base.flat is None:
+        raise NpgptError("a quantized model cannot be trained")
+    return add_chat_tokens(base, seed)
 
 
 def pairs(ranking: list[int]) -> list[tuple[int, int]]:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import add_chat_tokens, encode_chat, fit_context, pad_batch, pairs, read_preferences
-from .checkpoint import atomic_write_json, load_model, read_config, save_checkpoint
+from .chat import encode_chat, fit_context, pad_batch, pairs, read_preferences, read_split, start_model
+from .checkpoint import atomic_write_json, read_config, save_checkpoint
 from .errors import NpgptError
 from .optim import AdamW, lr_at
 from .params import decay_mask
@@ -104,21 +104,9 @@ def dpo(model_dir, data_file, out_dir, cfg: DPOConfig | None = None, *, val_file
     cfg = cfg or DPOConfig()
     stream = stream or sys.stderr
     out = Path(out_dir)
-    if (out / "model.safetensors").exists() and not force:
-        raise NpgptError(f"{out} already holds a model; use --force to overwrite it")
-    recs, skipped = read_preferences(data_file, skip_bad)
     rng = np.random.default_rng(cfg.seed)
-    if val_file is not None:
-        val_recs, s2 = read_preferences(val_file, skip_bad)
-        skipped += s2
-    else:
-        order = rng.permutation(len(recs))
-        n_val = max(1, int(round(len(recs) * cfg.val_fraction))) if cfg.val_fraction > 0 and len(recs) > 1 else 0
-        val_recs, recs = [recs[i] for i in order[:n_val]], [recs[i] for i in order[n_val:]]
-    base = load_model(model_dir)
-    if base.flat is None:
-        raise NpgptError("a quantized model cannot be trained")
-    model = add_chat_tokens(base, cfg.seed)
+    recs, val_recs, skipped = read_split(read_preferences, data_file, val_file, cfg.val_fraction, skip_bad, rng)
+    model = start_model(model_dir, out, force, cfg.seed)
     items, val_items = _encode(model, recs), _encode(model, val_recs)
     # the reference is the starting model: its log-likelihoods are computed once, before any update
     for group in (items, val_items):

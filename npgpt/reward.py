@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import add_chat_tokens, encode_chat, fit_context, pad_batch, pairs, read_demos, read_preferences
+from .chat import encode_chat, fit_context, pad_batch, pairs, read_demos, read_preferences, read_split, start_model
 from .checkpoint import atomic_write_json, load_model, load_safetensors, read_config, save_checkpoint, write_safetensors
 from .errors import NpgptError
 from .finetune import TaskHead
@@ -128,21 +128,9 @@ def train_reward(model_dir, data_file, out_dir, cfg: RewardConfig | None = None,
     cfg = cfg or RewardConfig()
     stream = stream or sys.stderr
     out = Path(out_dir)
-    if (out / "model.safetensors").exists() and not force:
-        raise NpgptError(f"{out} already holds a model; use --force to overwrite it")
-    recs, skipped = read_preferences(data_file, skip_bad)
     rng = np.random.default_rng(cfg.seed)
-    if val_file is not None:
-        val_recs, s2 = read_preferences(val_file, skip_bad)
-        skipped += s2
-    else:
-        order = rng.permutation(len(recs))
-        n_val = max(1, int(round(len(recs) * cfg.val_fraction))) if cfg.val_fraction > 0 and len(recs) > 1 else 0
-        val_recs, recs = [recs[i] for i in order[:n_val]], [recs[i] for i in order[n_val:]]
-    base = load_model(model_dir)
-    if base.flat is None:
-        raise NpgptError("a quantized model cannot be trained")
-    rm = RewardModel(add_chat_tokens(base, cfg.seed), seed=cfg.seed)
+    recs, val_recs, skipped = read_split(read_preferences, data_file, val_file, cfg.val_fraction, skip_bad, rng)
+    rm = RewardModel(start_model(model_dir, out, force, cfg.seed), seed=cfg.seed)
     enc = lambda rs: [{"seqs": [rm.encode(r["prompt"], x) for x in r["responses"]], "ranking": r["ranking"]}  # noqa: E731
                       for r in rs]
     train_items, val_items = enc(recs), enc(val_recs)

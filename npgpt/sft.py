@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import add_chat_tokens, encode_chat, fit_context, pad_batch, read_demos
-from .checkpoint import atomic_write_json, load_model, read_config, save_checkpoint
+from .chat import encode_chat, fit_context, pad_batch, read_demos, read_split, start_model
+from .checkpoint import atomic_write_json, read_config, save_checkpoint
 from .errors import NpgptError
 from .optim import AdamW, lr_at
 from .params import decay_mask
@@ -67,23 +67,9 @@ def sft(model_dir, data_file, out_dir, cfg: SFTConfig | None = None, *, val_file
     cfg = cfg or SFTConfig()
     stream = stream or sys.stderr
     out = Path(out_dir)
-    if (out / "model.safetensors").exists() and not force:
-        raise NpgptError(f"{out} already holds a model; use --force to overwrite it")
-    demos, skipped = read_demos(data_file, skip_bad)
     rng = np.random.default_rng(cfg.seed)
-    if val_file is not None:
-        val_demos, s2 = read_demos(val_file, skip_bad)
-        skipped += s2
-    else:
-        order = rng.permutation(len(demos))
-        n_val = int(round(len(demos) * cfg.val_fraction)) if len(demos) > 1 else 0
-        n_val = max(n_val, 1) if cfg.val_fraction > 0 and len(demos) > 1 else n_val
-        val_demos = [demos[i] for i in order[:n_val]]
-        demos = [demos[i] for i in order[n_val:]]
-    base = load_model(model_dir)
-    if base.flat is None:
-        raise NpgptError("a quantized model cannot be fine-tuned")
-    model = add_chat_tokens(base, cfg.seed)
+    demos, val_demos, skipped = read_split(read_demos, data_file, val_file, cfg.val_fraction, skip_bad, rng)
+    model = start_model(model_dir, out, force, cfg.seed)
     train_seqs, cut = encode_demos(model, demos)
     val_seqs, _ = encode_demos(model, val_demos)
     if not train_seqs:
