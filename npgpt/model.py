@@ -70,6 +70,9 @@ class GPT:
         if self.flat is None:
             raise NpgptError("this model holds inference-only (quantized) weights and cannot be trained")
         if self.grad is None:
+            # training from here on: keep freed temporaries for reuse (see malloc.py). Training loops
+            # call zero_grad() before their first backward(), so this is the place that always runs.
+            keep_freed_memory()
             self.grad = np.zeros_like(self.flat)
             self.grads = make_views(self.grad, self.shapes)
         else:
@@ -234,7 +237,6 @@ class GPT:
             raise RuntimeError("backward() needs a preceding loss(), logprobs() or features() call")
         if self.grad is None:
             self.zero_grad()
-            keep_freed_memory()  # training from here on: reuse freed temporaries (see malloc.py)
         cfg, p, g = self.config, self.params, self.grads
         pre = cfg.ln == "pre"
         B, T = acts["idx"].shape
