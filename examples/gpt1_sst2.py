@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--sizes", default="300,1000", help="low-resource training subset sizes")
     ap.add_argument("--seeds", type=int, default=3, help="fine-tuning runs (subset + seed) per low-resource size")
+    ap.add_argument("--all-seeds", type=int, default=3, help="fine-tuning seeds on all the labels")
     ap.add_argument("--retrain", action="store_true", help="pretrain again even if --out holds a model")
     args = ap.parse_args()
     if args.threads:
@@ -93,7 +94,8 @@ def main():
     scratch = GPT(pre.config, seed=1, tokenizer=pre.tokenizer)  # same shape and tokenizer, random weights
     save_checkpoint(out / "scratch", scratch, provenance={"created_by": "examples/gpt1_sst2.py (random init)"})
 
-    runs = [("all", "train.jsonl", 0, FinetuneConfig(learning_rate=args.lr, epochs=3, batch_size=32))]
+    runs = [("all", "train.jsonl", seed, FinetuneConfig(learning_rate=args.lr, epochs=3, batch_size=32, seed=seed))
+            for seed in range(args.all_seeds)]
     for n in sizes:
         runs += [(str(n), f"train-{n}-{seed}.jsonl", seed,
                   FinetuneConfig(learning_rate=args.lr, epochs=10, batch_size=32, seed=seed))
