@@ -41,8 +41,10 @@ fixtures: $(STAMP)
 # GPT-1: pretraining + fine-tuning beats training on the labels alone (SST-2 is not shipped: point at it)
 SST2 ?= ../shared/data/sst2
 WARPEACE ?= ../shared/data/warpeace/warpeace_input.txt
+LAMBADA ?= ../shared/data/lambada/lambada_test.jsonl
+WIKITEXT ?= ../shared/data/wikitext2/valid.txt
 experiment-gpt1: $(STAMP)
-	$(BIN)/python examples/gpt1_sst2.py --sst2 $(SST2) --warpeace $(WARPEACE)
+	$(BIN)/python examples/gpt1_sst2.py --sst2 $(SST2) --warpeace $(WARPEACE) --lambada $(LAMBADA) --wikitext $(WIKITEXT)
 
 # GPT-3: accuracy rises with the number of in-context demonstrations
 experiment-fewshot: $(STAMP)

@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--lambada", help="LAMBADA JSON lines (novel passages), optional extra pretraining text")
     ap.add_argument("--wikitext", help="WikiText-2 text, optional extra pretraining text")
     ap.add_argument("--out", default="runs/gpt1")
-    ap.add_argument("--iters", type=int, default=8000)
+    ap.add_argument("--iters", type=int, default=6000)
     ap.add_argument("--threads", type=int, default=0, help="threads (0: all cores)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--sizes", default="300,1000", help="low-resource training subset sizes")
