@@ -70,6 +70,13 @@ def main():
         for seed in range(args.seeds):
             sst2_to_jsonl(sst2 / "stsa.binary.train", out / f"train-{n}-{seed}.jsonl", size=n, seed=seed)
     sst2_to_jsonl(sst2 / "stsa.binary.dev", out / "dev.jsonl")
+    for name in ("warpeace", "lambada", "wikitext"):
+        path = getattr(args, name)
+        if path and not Path(path).is_file():
+            if name == "warpeace":
+                sys.exit(f"pretraining corpus not found: {path}")
+            print(f"note: {path} not found; pretraining without it", file=sys.stderr)
+            setattr(args, name, None)
     corpus = [Path(args.warpeace).read_text(encoding="utf-8").replace("\r\n", "\n").replace("\r", "\n")]
     if args.lambada:
         corpus += [json.loads(line)["text"] for line in Path(args.lambada).read_text(encoding="utf-8").splitlines()
