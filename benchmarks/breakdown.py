@@ -23,7 +23,7 @@ from run import TRAIN_CONFIGS  # noqa: E402
 
 LAYERS = ["linear_forward", "linear_backward", "attention_forward", "attention_backward", "layernorm_forward",
           "layernorm_backward", "gelu_forward", "gelu_backward", "embedding_forward", "embedding_backward",
-          "cross_entropy_forward", "cross_entropy_backward", "dropout_forward", "step"]
+          "token_nll", "cross_entropy_backward", "dropout_forward", "step"]
 
 
 def breakdown(stmt: str, env: dict) -> dict[str, float]:
