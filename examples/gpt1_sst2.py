@@ -41,6 +41,33 @@ def sst2_to_jsonl(src: Path, dst: Path, size: int | None = None, seed: int = 0):
     dst.write_text("\n".join(recs) + "\n")
 
 
+def linear_probe(model_dir: Path, train_file: Path, dev_file: Path) -> float:
+    """Dev accuracy of logistic regression on frozen features (mean and last hidden state of the
+    sentence): how much sentiment the representation holds before any fine-tuning."""
+    import numpy as np
+    model = npgpt.load(model_dir)
+
+    def feats(path):
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for r in recs:
+            h = model.features(np.array([model.tokenizer.encode(r["text"])[-model.config.block_size:]]))[0]
+            rows.append(np.concatenate([h.mean(0), h[-1]]))
+        model.drop_activations()
+        return np.array(rows, np.float64), np.array([r["label"] == "positive" for r in recs], np.float64)
+
+    X, y = feats(train_file)
+    Xd, yd = feats(dev_file)
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    X, Xd = (X - mu) / sd, (Xd - mu) / sd
+    w, b = np.zeros(X.shape[1]), 0.0
+    for _ in range(500):  # L2-regularised logistic regression by gradient descent
+        p = 1.0 / (1.0 + np.exp(-(X @ w + b)))
+        w -= 0.5 * (X.T @ (p - y) / len(y) + 1e-2 * w)
+        b -= 0.5 * float((p - y).mean())
+    return float(((Xd @ w + b > 0) == yd).mean())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sst2", required=True, help="folder with stsa.binary.train and stsa.binary.dev")
@@ -55,6 +82,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=3, help="fine-tuning runs (subset + seed) per low-resource size")
     ap.add_argument("--all-seeds", type=int, default=3, help="fine-tuning seeds on all the labels")
     ap.add_argument("--retrain", action="store_true", help="pretrain again even if --out holds a model")
+    ap.add_argument("--probe-only", action="store_true", help="only the linear probes of an existing run")
     args = ap.parse_args()
     if args.threads:
         npgpt.set_threads(args.threads)
@@ -87,6 +115,8 @@ def main():
                if line.strip()]  # the labels stay behind
     (out / "pretrain.txt").write_text("\n\n".join(corpus).lower())
 
+    if args.probe_only:
+        return probes(out, sizes, args.seeds)
     t0 = time.time()
     if args.retrain or not (out / "pretrained" / "model.safetensors").is_file():
         npgpt.prepare([out / "pretrain.txt"], out / "data", "bpe:4096", val_fraction=0.05, force=True)
@@ -123,6 +153,16 @@ def main():
                for arm in ("pretrained", "scratch")}
         print(f"{size:<22} {sum(acc['pretrained']) / len(acc['pretrained']):>24.4f} "
               f"{sum(acc['scratch']) / len(acc['scratch']):>14.4f}   {len(acc['scratch'])}")
+    probes(out, sizes, args.seeds)
+
+
+def probes(out: Path, sizes, seeds):
+    """Linear probes of both arms' frozen features on the low-resource subsets (mean over subsets)."""
+    print(f"\n{'linear probe, labels':<22} {'pretrained features':>24} {'random features':>14}")
+    for n in sizes:
+        acc = [[linear_probe(out / arm, out / f"train-{n}-{seed}.jsonl", out / "dev.jsonl") for seed in range(seeds)]
+               for arm in ("pretrained", "scratch")]
+        print(f"{n:<22} {sum(acc[0]) / seeds:>24.4f} {sum(acc[1]) / seeds:>14.4f}", flush=True)
 
 
 if __name__ == "__main__":
