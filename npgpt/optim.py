@@ -6,7 +6,6 @@ import math
 import numpy as np
 
 
-
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, decay_iters: int) -> float:
     """Learning rate at optimizer step `step` (0-based): linear warmup over `warmup` steps to `lr`, then
     cosine decay to `min_lr` at `decay_iters`, then flat at `min_lr`."""
@@ -21,6 +20,18 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, decay_iters: int) ->
 def grad_norm(grad: np.ndarray) -> float:
     """Global L2 norm of a flat gradient."""
     return math.sqrt(float(np.dot(grad, grad)))
+
+
+def joint_clip(clip: float, *grads):
+    """Scale factors that clip several gradient buffers to one global norm: passing the joint-norm clip
+    to each optimizer as clip * |g_i| / |g| does exactly that. None when clipping is off."""
+    if clip <= 0:
+        return None
+    norms = [math.sqrt(float(np.dot(g, g))) for g in grads]
+    total = math.sqrt(sum(n * n for n in norms))
+    if total <= clip:
+        return [0.0] * len(grads)
+    return [clip * n / total for n in norms]
 
 
 class AdamW:

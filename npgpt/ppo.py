@@ -29,9 +29,9 @@ from .checkpoint import atomic_open, atomic_write_json, load_model, read_config,
 from .errors import NpgptError
 from .finetune import TaskHead
 from .model import GPT
-from .optim import AdamW
+from .optim import AdamW, joint_clip
 from .params import decay_mask
-from .reward import RewardModel, _joint_clip, load_reward_model, save_reward_model
+from .reward import RewardModel, load_reward_model, save_reward_model
 from .sampling import generate
 
 
@@ -265,7 +265,7 @@ def ppo(policy_dir, reward_dir, prompts_file, out_dir, cfg: PPOConfig | None = N
                 v, vback = value.values(xm)
                 vloss, dv = clipped_value_loss(v, v_old[mb, :T], ret[mb, :T], mm, cfg.value_clip)
                 vback(dv)
-                clip = _joint_clip(cfg.grad_clip, value.model.grad, value.head.grad)
+                clip = joint_clip(cfg.grad_clip, value.model.grad, value.head.grad)
                 vopt.step(value.model.grad, cfg.value_lr, 0.0 if clip is None else clip[0])
                 hopt.step(value.head.grad, cfg.value_lr, 0.0 if clip is None else clip[1])
                 pl.append(loss)

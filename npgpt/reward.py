@@ -24,7 +24,7 @@ from .checkpoint import atomic_write_json, load_model, load_safetensors, read_co
 from .errors import NpgptError
 from .finetune import TaskHead
 from .model import GPT
-from .optim import AdamW, lr_at
+from .optim import AdamW, joint_clip, lr_at
 from .params import decay_mask
 
 
@@ -165,7 +165,7 @@ def train_reward(model_dir, data_file, out_dir, cfg: RewardConfig | None = None,
                 raise NpgptError(f"loss became {loss} at epoch {epoch + 1}, step {step + 1}")
             backward(dr)
             lr = lr_at(step, cfg.learning_rate, cfg.min_lr, warmup, total)
-            clip = _joint_clip(cfg.grad_clip, model.grad, head.grad)
+            clip = joint_clip(cfg.grad_clip, model.grad, head.grad)
             opt.step(model.grad, lr, 0.0 if clip is None else clip[0])
             hopt.step(head.grad, lr, 0.0 if clip is None else clip[1])
             losses.append(loss)
@@ -188,18 +188,6 @@ def train_reward(model_dir, data_file, out_dir, cfg: RewardConfig | None = None,
     save_reward_model(out, rm, {**dataclasses.asdict(cfg), "history": history, "skipped": skipped,
                                 "normalised_on": demo_source, "bias_shift": -offset, "base": str(model_dir)})
     return {"epochs": history, "best": best, "skipped": skipped, "bias_shift": -offset}
-
-
-def _joint_clip(clip: float, *grads):
-    """Scale factors that clip several gradient buffers to one global norm: passing the joint-norm clip
-    to each optimizer as clip * |g_i| / |g| does exactly that. None when clipping is off."""
-    if clip <= 0:
-        return None
-    norms = [math.sqrt(float(np.dot(g, g))) for g in grads]
-    total = math.sqrt(sum(n * n for n in norms))
-    if total <= clip:
-        return [0.0] * len(grads)
-    return [clip * n / total for n in norms]
 
 
 def save_reward_model(out: Path, rm: RewardModel, info: dict, kind: str = "reward"):
