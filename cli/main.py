@@ -115,18 +115,20 @@ def tokenizer_train(inputs, vocab_size, out):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run / checkpoint dir.")
 @click.option("--preset", default=None, help="Architecture preset (default: baby).")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="JSON or TOML config file.")
+@click.option("--init", default=None, type=click.Path(file_okay=False),
+              help="Start from this checkpoint's weights (e.g. converted GPT-2) instead of random ones.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--force", is_flag=True, help="Overwrite an existing run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @threads_option
 @click.pass_context
-def train(ctx, data, out, preset, config_file, resume, force, quiet):
+def train(ctx, data, out, preset, config_file, init, resume, force, quiet):
     """Pretrain a GPT. Any config key can be overridden: --n_layer 6 --learning_rate 3e-4 ..."""
     import npgpt
     from npgpt.config import parse_overrides
     overrides = parse_overrides(ctx.args)
-    model = npgpt.train(data, out, preset=preset, config_file=config_file, overrides=overrides, resume=resume,
-                        force=force, quiet=quiet)
+    model = npgpt.train(data, out, preset=preset, config_file=config_file, overrides=overrides, init=init,
+                        resume=resume, force=force, quiet=quiet)
     if not quiet:
         click.echo(f"saved {out} ({model.num_params:,} parameters)", err=True)
 

@@ -38,15 +38,20 @@ def estimate_loss(model: GPT, data: TokenData, split: str, iters: int, batch_siz
 
 
 def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | None = None,
-          overrides: dict | None = None, resume: bool = False, force: bool = False, quiet: bool = False,
-          stream=None) -> GPT:
+          overrides: dict | None = None, init: str | Path | None = None, resume: bool = False,
+          force: bool = False, quiet: bool = False, stream=None) -> GPT:
     """Train a GPT on a prepared data dir and write checkpoints to `out_dir`; returns the final model.
 
     Config precedence: preset < config_file < overrides (keys of GPTConfig or TrainConfig). With
     resume=True the run continues from `out_dir` with its saved configs (overrides may change training
     settings such as max_iters). An existing run in `out_dir` is refused unless resume or force.
+    init starts from a checkpoint's weights instead of random ones (continued pretraining, or nanoGPT's
+    fine-tuning of GPT-2 on new text): its architecture is kept (dropout may change) and the data must
+    have been prepared with its tokenizer (`npgpt prepare --tokenizer INIT_DIR`).
     """
     stream = stream or sys.stderr
+    if init is not None and (resume or preset):
+        raise NpgptError("--init takes the architecture from its checkpoint: give neither --resume nor --preset")
     out = Path(out_dir)
     data = TokenData(data_dir)
     file_values = load_config_file(config_file) if config_file else {}
@@ -64,8 +69,14 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
             if not force:
                 raise NpgptError(f"{out} already holds a run; use --resume to continue it or --force to "
                                  f"overwrite it")
-        mcfg, tcfg = resolve_config(preset or "baby", file_values, overrides)
-        mcfg = dataclasses.replace(mcfg, vocab_size=data.vocab_size).validate()
+        if init is not None:
+            start = _init_model(init, data)
+            mcfg, tcfg = resolve_config(None, file_values, overrides, base=start.config)
+            if dataclasses.replace(mcfg, dropout=start.config.dropout) != start.config:
+                raise NpgptError(f"cannot change the architecture of the model in {init} (only dropout)")
+        else:
+            mcfg, tcfg = resolve_config(preset or "baby", file_values, overrides)
+            mcfg = dataclasses.replace(mcfg, vocab_size=data.vocab_size).validate()
     if data.vocab_size > mcfg.vocab_size:
         raise NpgptError(f"data has {data.vocab_size} tokens, the model's vocabulary only {mcfg.vocab_size}")
 
@@ -85,6 +96,9 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
         _truncate_metrics(out / "metrics.jsonl", step)
     else:
         model = GPT(mcfg, seed=tcfg.seed, tokenizer=data.tokenizer)
+        if init is not None:
+            model.flat[...] = start.flat
+            del start
         opt = AdamW(model.flat, decay_mask(mcfg), weight_decay=tcfg.weight_decay, beta1=tcfg.beta1,
                     beta2=tcfg.beta2, eps=tcfg.eps)
         step, best_val, elapsed = 0, math.inf, 0.0
@@ -94,6 +108,9 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
             pass
     model.tokenizer = data.tokenizer
     provenance = {"data": str(data.dir), "tokenizer": data.tokenizer.kind, "created_by": "npgpt train"}
+    init = init if init is not None else (read_config(out).get("provenance", {}).get("init") if resume else None)
+    if init is not None:
+        provenance["init"] = str(init)
 
     th = thread_info()
     if not quiet:
@@ -163,6 +180,17 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
         metrics.close()
         bar.close()
     return model
+
+
+def _init_model(init, data: TokenData) -> GPT:
+    """The checkpoint a run starts from, after checking that the data speaks its tokenizer."""
+    start = load_model(init)
+    if start.flat is None:
+        raise NpgptError(f"{init} holds a quantized model, which cannot be trained")
+    if start.tokenizer is None or start.tokenizer.tk.get_vocab() != data.tokenizer.tk.get_vocab():
+        raise NpgptError(f"the data in {data.dir} was not tokenized with the tokenizer of {init}; prepare it "
+                         f"with: npgpt prepare FILES --tokenizer {init} --out DIR")
+    return start
 
 
 def _load_optimizer(out: Path, opt: AdamW, step: int):

@@ -119,3 +119,15 @@ def test_resume_without_a_run(shakespeare_data, tmp_path):
 
 def test_unknown_prompt_character(tiny_run):
     assert_clean_error(run_cli("generate", "日本", "--model", tiny_run, "-n", "2"), "vocabulary lacks")
+
+
+def test_train_init_from_a_checkpoint(shakespeare_data, tiny_run, tmp_path):
+    out = tmp_path / "more"
+    r = run_cli("train", "--data", shakespeare_data, "--out", out, "--init", tiny_run, "--max_iters", "2",
+                "--eval_iters", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["model"]["n_embd"] == 16
+    assert_clean_error(run_cli("train", "--data", shakespeare_data, "--out", tmp_path / "x", "--init", tiny_run,
+                               "--n_layer", "3"), "architecture")
+    assert_clean_error(run_cli("train", "--data", shakespeare_data, "--out", tmp_path / "y", "--init",
+                               tmp_path / "missing"), "not found")

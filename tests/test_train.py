@@ -106,3 +106,45 @@ def test_grad_accumulation_run_equals_big_batch_run(shakespeare_data, tmp_path):
         b.loss(x[4 * i:4 * i + 4], y[4 * i:4 * i + 4])
         b.backward(0.5)
     np.testing.assert_allclose(b.grad, a.grad, rtol=1e-4, atol=1e-6 * np.abs(a.grad).max())
+
+
+def test_init_starts_from_a_checkpoint_and_keeps_its_architecture(shakespeare_data, tmp_path):
+    base = npgpt.train(shakespeare_data, tmp_path / "base", overrides={**SMALL, "max_iters": 40, "eval_interval": 40},
+                       quiet=True)
+    from npgpt.data import TokenData
+    x, y = TokenData(shakespeare_data).batch("val", 8, 32, np.random.default_rng(0))
+    base_loss = base.loss(x, y)
+    # zero learning rate: the run's model is the checkpoint's, bit for bit, with the new dropout
+    same = npgpt.train(shakespeare_data, tmp_path / "same", init=tmp_path / "base", quiet=True,
+                       overrides={"max_iters": 1, "learning_rate": 1e-12, "min_lr": 0.0, "eval_iters": 1,
+                                  "dropout": 0.2})
+    assert same.config.dropout == 0.2 and same.config.n_embd == 32
+    np.testing.assert_allclose(same.flat, base.flat, atol=1e-9)
+    cfg = json.loads((tmp_path / "same" / "config.json").read_text())
+    assert cfg["provenance"]["init"] == str(tmp_path / "base")
+    # continued training starts where the checkpoint is, not where a random model is
+    npgpt.train(shakespeare_data, tmp_path / "more", init=tmp_path / "base", quiet=True,
+                overrides={"max_iters": 5, "learning_rate": 1e-3, "batch_size": 8, "eval_iters": 1})
+    first = step_losses(tmp_path / "more")[0]
+    assert abs(first - base_loss) < 0.3 and first < 3.5, (first, base_loss)
+    with pytest.raises(NpgptError, match="architecture"):
+        npgpt.train(shakespeare_data, tmp_path / "wider", init=tmp_path / "base", quiet=True,
+                    overrides={"n_embd": 64})
+    with pytest.raises(NpgptError, match="--preset"):
+        npgpt.train(shakespeare_data, tmp_path / "p", init=tmp_path / "base", preset="baby", quiet=True)
+
+
+def test_init_refuses_data_from_another_tokenizer(shakespeare_data, tmp_path):
+    npgpt.train(shakespeare_data, tmp_path / "base", overrides={**SMALL, "max_iters": 1, "eval_interval": 1},
+                quiet=True)
+    (tmp_path / "other.txt").write_text("completely different characters: 0123456789 {}[]<>" * 50)
+    npgpt.prepare([tmp_path / "other.txt"], tmp_path / "other", "char")
+    with pytest.raises(NpgptError, match="--tokenizer"):
+        npgpt.train(tmp_path / "other", tmp_path / "run", init=tmp_path / "base", quiet=True)
+    assert not (tmp_path / "run").exists()
+    # prepared with the checkpoint's tokenizer, the same text is accepted
+    (tmp_path / "mine.txt").write_text(open(shakespeare_data.parent / "small.txt").read()[:20_000])
+    from npgpt.tokenizer import Tokenizer
+    npgpt.prepare([tmp_path / "mine.txt"], tmp_path / "mine", Tokenizer.load(tmp_path / "base", "char"))
+    npgpt.train(tmp_path / "mine", tmp_path / "run", init=tmp_path / "base", quiet=True,
+                overrides={"max_iters": 1, "eval_iters": 1})
