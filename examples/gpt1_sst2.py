@@ -58,13 +58,38 @@ def linear_probe(model_dir: Path, train_file: Path, dev_file: Path) -> float:
 
     X, y = feats(train_file)
     Xd, yd = feats(dev_file)
-    mu, sd = X.mean(0), X.std(0) + 1e-6
-    X, Xd = (X - mu) / sd, (Xd - mu) / sd
-    w, b = np.zeros(X.shape[1]), 0.0
-    for _ in range(500):  # L2-regularised logistic regression by gradient descent
+    return logistic_regression(X, y, Xd, yd, standardise=True)
+
+
+def bag_of_words(model_dir: Path, train_file: Path, dev_file: Path) -> float:
+    """Dev accuracy of logistic regression on which tokens a sentence contains: the baseline a
+    representation has to beat to be worth anything."""
+    import numpy as np
+    tok = npgpt.load(model_dir).tokenizer
+
+    def feats(path):
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        X = np.zeros((len(recs), tok.vocab_size), np.float32)
+        for i, r in enumerate(recs):
+            X[i, tok.encode(r["text"])] = 1.0
+        return X, np.array([r["label"] == "positive" for r in recs], np.float32)
+
+    X, y = feats(train_file)
+    Xd, yd = feats(dev_file)
+    return logistic_regression(X, y, Xd, yd, standardise=False, l2=1e-3, lr=1.0)
+
+
+def logistic_regression(X, y, Xd, yd, standardise: bool, l2: float = 1e-2, lr: float = 0.5) -> float:
+    """Fit L2-regularised logistic regression on (X, y) by full-batch gradient descent; accuracy on (Xd, yd)."""
+    import numpy as np
+    if standardise:
+        mu, sd = X.mean(0), X.std(0) + 1e-6
+        X, Xd = (X - mu) / sd, (Xd - mu) / sd
+    w, b = np.zeros(X.shape[1], X.dtype), 0.0
+    for _ in range(500):
         p = 1.0 / (1.0 + np.exp(-(X @ w + b)))
-        w -= 0.5 * (X.T @ (p - y) / len(y) + 1e-2 * w)
-        b -= 0.5 * float((p - y).mean())
+        w -= lr * (X.T @ (p - y) / len(y) + l2 * w)
+        b -= lr * float((p - y).mean())
     return float(((Xd @ w + b > 0) == yd).mean())
 
 
@@ -157,12 +182,16 @@ def main():
 
 
 def probes(out: Path, sizes, seeds):
-    """Linear probes of both arms' frozen features on the low-resource subsets (mean over subsets)."""
-    print(f"\n{'linear probe, labels':<22} {'pretrained features':>24} {'random features':>14}")
+    """Linear probes of both arms' frozen features on the low-resource subsets, beside a bag-of-words
+    logistic regression on the same labels (means over subsets)."""
+    print(f"\n{'linear probe, labels':<22} {'pretrained features':>24} {'random features':>16} {'bag of words':>13}")
     for n in sizes:
-        acc = [[linear_probe(out / arm, out / f"train-{n}-{seed}.jsonl", out / "dev.jsonl") for seed in range(seeds)]
-               for arm in ("pretrained", "scratch")]
-        print(f"{n:<22} {sum(acc[0]) / seeds:>24.4f} {sum(acc[1]) / seeds:>14.4f}", flush=True)
+        files = [out / f"train-{n}-{seed}.jsonl" for seed in range(seeds)]
+        acc = [[linear_probe(out / arm, f, out / "dev.jsonl") for f in files] for arm in ("pretrained", "scratch")]
+        acc.append([bag_of_words(out / "pretrained", f, out / "dev.jsonl") for f in files])
+        print(f"{n:<22} {sum(acc[0]) / seeds:>24.4f} {sum(acc[1]) / seeds:>16.4f} {sum(acc[2]) / seeds:>13.4f}",
+              flush=True)
+    print(f"{'all':<22} {'':>24} {'':>16} {bag_of_words(out / 'pretrained', out / 'train.jsonl', out / 'dev.jsonl'):>13.4f}")
 
 
 if __name__ == "__main__":
