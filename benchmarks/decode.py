@@ -78,14 +78,21 @@ def transformers_figures(hf_dir: Path, prompt: np.ndarray, n_new: int, threads: 
     model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     x = torch.from_numpy(prompt)
     tok = x[:, -1:]
+
+    def step(inp, cache=None):
+        """One forward pass; returns the KV cache. The cache is the second positional argument: named
+        past_key_values before transformers 5.x renamed it (and its output field) to cache."""
+        out = model(inp, cache, use_cache=True)
+        return out["cache"] if "cache" in out else out["past_key_values"]
+
     with torch.inference_mode():
-        t_prefill = best(lambda: model(x, use_cache=True))
+        t_prefill = best(lambda: step(x))
 
         def decode():
-            past = model(x, use_cache=True).past_key_values  # the prompt's cache, not timed
+            cache = step(x)  # the prompt's cache, not timed
             t0 = time.perf_counter()
             for _ in range(n_new):
-                past = model(tok, past_key_values=past, use_cache=True).past_key_values
+                cache = step(tok, cache)
             return time.perf_counter() - t0
 
         t_decode = min(decode() for _ in range(2))

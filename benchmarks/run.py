@@ -64,25 +64,32 @@ def bench_train_torch(cfg: GPTConfig, B: int, steps: int, warmup: int = 3) -> fl
     return B * cfg.block_size * steps / (time.perf_counter() - t0)
 
 
-RSS_SCRIPT = r"""
+BENCH_SCRIPT = r"""
 import sys
 sys.path.insert(0, sys.argv[3])
 import run
 from npgpt.config import GPTConfig
-kw, B, _ = run.TRAIN_CONFIGS[sys.argv[2]]
-cfg = GPTConfig(vocab_size=65, **kw)
-(run.bench_train_npgpt if sys.argv[1] == "npgpt" else run.bench_train_torch)(cfg, B, 3, warmup=1)
+which, name, threads = sys.argv[1], sys.argv[2], int(sys.argv[4])
+kw, B, steps = run.TRAIN_CONFIGS[name]
+if which == "npgpt":
+    import npgpt
+    npgpt.set_threads(threads)
+else:
+    import torch
+    torch.set_num_threads(threads)
+tok_s = (run.bench_train_npgpt if which == "npgpt" else run.bench_train_torch)(GPTConfig(vocab_size=65, **kw), B, steps)
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
-print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024)
+print(tok_s, next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024)
 """
 
 
-def peak_rss_mb(which: str, config: str) -> float:
-    """Peak resident MB of a fresh process running a few training steps."""
+def train_figures(which: str, config: str, threads: int) -> tuple[float, float]:
+    """(training tok/s, peak resident MB) of a fresh process: neither side inherits the other's heap,
+    thread pools or spinning OpenMP workers (one process for both once made npgpt 30% faster)."""
     import subprocess
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, which, config, str(Path(__file__).parent)],
-                         capture_output=True, text=True, check=True).stdout
-    return float(out.split()[-1])
+    out = subprocess.run([sys.executable, "-c", BENCH_SCRIPT, which, config, str(Path(__file__).parent), str(threads)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return float(out[-2]), float(out[-1])
 
 
 def line(name, ours, peer, unit, peer_name="torch"):
@@ -100,7 +107,6 @@ def main():
     npgpt.set_threads(args.threads)
     try:
         import torch
-        torch.set_num_threads(args.threads)
     except ImportError:
         torch = None
     print(f"npgpt {npgpt.__version__}, numpy {np.__version__}, threads {args.threads}"
@@ -108,16 +114,16 @@ def main():
     for name, (kw, B, steps) in TRAIN_CONFIGS.items():
         if name not in which:
             continue
-        cfg = GPTConfig(vocab_size=65, **kw)
-        # best of 3 alternating runs per side: this VM's speed drifts by 10-20% over seconds
-        ours, peer = 0.0, 0.0 if torch else None
+        # best of 3 alternating runs per side, each in a fresh process: this VM's speed drifts by 10-20%
+        ours, peer = [], []
         for _ in range(3):
-            ours = max(ours, bench_train_npgpt(cfg, B, steps))
+            ours.append(train_figures("npgpt", name, args.threads))
             if torch:
-                peer = max(peer, bench_train_torch(cfg, B, steps))
-        line(f"train {name} (B={B}, T={cfg.block_size})", ours, peer, "tok/s")
-        ours_mb = peak_rss_mb("npgpt", name)
-        peer_mb = peak_rss_mb("torch", name) if torch else None
+                peer.append(train_figures("torch", name, args.threads))
+        line(f"train {name} (B={B}, T={kw['block_size']})", max(r[0] for r in ours),
+             max(r[0] for r in peer) if torch else None, "tok/s")
+        ours_mb = min(r[1] for r in ours)
+        peer_mb = min(r[1] for r in peer) if torch else None
         print(f"{'peak RSS train ' + name:<32} npgpt {ours_mb:>10,.0f} MB    | torch {peer_mb or 0:>13,.0f} MB | "
               f"npgpt/torch {ours_mb / peer_mb if peer_mb else float('nan'):.2f} (target <= 1)", flush=True)
     if "sample" in which:

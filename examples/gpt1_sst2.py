@@ -191,7 +191,9 @@ def probes(out: Path, sizes, seeds):
         acc.append([bag_of_words(out / "pretrained", f, out / "dev.jsonl") for f in files])
         print(f"{n:<22} {sum(acc[0]) / seeds:>24.4f} {sum(acc[1]) / seeds:>16.4f} {sum(acc[2]) / seeds:>13.4f}",
               flush=True)
-    print(f"{'all':<22} {'':>24} {'':>16} {bag_of_words(out / 'pretrained', out / 'train.jsonl', out / 'dev.jsonl'):>13.4f}")
+    acc = [linear_probe(out / arm, out / "train.jsonl", out / "dev.jsonl") for arm in ("pretrained", "scratch")]
+    bow = bag_of_words(out / "pretrained", out / "train.jsonl", out / "dev.jsonl")
+    print(f"{'all':<22} {acc[0]:>24.4f} {acc[1]:>16.4f} {bow:>13.4f}")
 
 
 if __name__ == "__main__":
