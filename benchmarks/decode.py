@@ -74,6 +74,8 @@ def npgpt_figures(model: GPT, prompt: np.ndarray, n_new: int):
 def transformers_figures(hf_dir: Path, prompt: np.ndarray, n_new: int, threads: int):
     import torch
     from transformers import GPT2LMHeadModel
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # one figure per line
     torch.set_num_threads(threads)
     model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     x = torch.from_numpy(prompt)
