@@ -64,6 +64,7 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
         mcfg, tcfg = resolve_config(None, file_values, overrides, base=base_model, train_base=base_train)
         if mcfg != base_model:
             raise NpgptError("cannot change the model's architecture when resuming")
+        init = saved.get("provenance", {}).get("init")  # kept in the resumed run's provenance
     else:
         if (out / "state.json").exists() or (out / "model.safetensors").exists():
             if not force:
@@ -108,7 +109,6 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
             pass
     model.tokenizer = data.tokenizer
     provenance = {"data": str(data.dir), "tokenizer": data.tokenizer.kind, "created_by": "npgpt train"}
-    init = init if init is not None else (read_config(out).get("provenance", {}).get("init") if resume else None)
     if init is not None:
         provenance["init"] = str(init)
 

@@ -127,6 +127,8 @@ def test_init_starts_from_a_checkpoint_and_keeps_its_architecture(shakespeare_da
                 overrides={"max_iters": 5, "learning_rate": 1e-3, "batch_size": 8, "eval_iters": 1})
     first = step_losses(tmp_path / "more")[0]
     assert abs(first - base_loss) < 0.3 and first < 3.5, (first, base_loss)
+    npgpt.train(shakespeare_data, tmp_path / "more", resume=True, quiet=True, overrides={"max_iters": 6})
+    assert json.loads((tmp_path / "more" / "config.json").read_text())["provenance"]["init"] == str(tmp_path / "base")
     with pytest.raises(NpgptError, match="architecture"):
         npgpt.train(shakespeare_data, tmp_path / "wider", init=tmp_path / "base", quiet=True,
                     overrides={"n_embd": 64})
