@@ -14,6 +14,7 @@ The two paths are tested against each other.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -203,12 +204,34 @@ def _attention_tiles(q, k, kstart, scale, q_offset, kernel):
             for t0 in range(0, Tq, ATTN_TILE):
                 t1 = min(Tq, t0 + ATTN_TILE)
                 s = q[b, h, t0:t1] @ k[b, h, :q_offset + t1].T
+                if kernel and ks[0] == 0:
+                    yield b, h, t0, t1, _tile_softmax(s, scale)
+                    continue
                 if kernel:
                     s = np.ascontiguousarray(s)[None, None]
                     K.causal_softmax_fwd(s, scale, q_offset + t0, ks)
                 else:
                     s = causal_softmax(s[None, None] * scale, q_offset + t0, ks)
                 yield b, h, t0, t1, s[0, 0]
+
+
+@functools.lru_cache(maxsize=8)
+def _above_diagonal(rows):
+    """[rows, rows] bool, True where key c > query i."""
+    return np.triu(np.ones((rows, rows), bool), 1)
+
+
+def _tile_softmax(s, scale):
+    """In place: scores s [rows, n] of the last `rows` queries before key n -> causal probabilities (query
+    i sees keys j <= n - rows + i). NumPy's SIMD exp is ~5x faster than the kernel's scalar one, which
+    made softmax 40% of tiled attention."""
+    rows = s.shape[0]
+    s *= scale
+    s[:, s.shape[1] - rows:][_above_diagonal(rows)] = -np.inf
+    s -= s.max(1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(1, keepdims=True)
+    return s
 
 
 def causal_softmax(s, q_offset, kstart):

@@ -214,3 +214,10 @@ def test_tiled_attention_matches_materialised(rng, monkeypatch, save):
     # a KV-cache continuation (q_offset > 0) through the tiles as well
     y2, _ = L.attention_forward(q[:, :, 50:], k, v, q_offset=50, pad=pad, save=save)
     assert rel_err(y2, y_ref[:, :, 50:]) < 1e-12
+    # float32, as training runs it (NumPy's exp on unpadded tiles, the kernel's on padded ones)
+    f = [a.astype(np.float32) for a in (q, k, v, up)]
+    y32, cache32 = L.attention_forward(*f[:3], pad=pad, save=save)
+    assert y32.dtype == np.float32 and rel_err(y32, y_ref) < 1e-5
+    if save:
+        for g, g_ref in zip(L.attention_backward(f[3], *f[:3], cache32), grads_ref):
+            assert g.dtype == np.float32 and rel_err(g, g_ref) < 1e-5
