@@ -1,6 +1,6 @@
 """Numba kernels behind the layers in layers.py.
 
-Each kernel does what BLAS cannot: fused row-wise reductions (layernorm, softmax, cross-entropy),
+Each kernel does what BLAS cannot: fused row-wise reductions (layernorm, causal softmax),
 elementwise maps (GELU), scatter-adds (embedding backward) and the AdamW update. Matrix products stay
 in BLAS (NumPy's matmul), which is 8-9x faster than a hand-written Numba GEMM here.
 
@@ -197,50 +197,6 @@ def causal_softmax_bwd(datt, att, scale, q_offset, kstart):
                     datt[b, h, i, j] = 0.0
                 for j in range(max(n, j0), Tk):
                     datt[b, h, i, j] = 0.0
-
-
-@nb.njit(**_rjit)
-def xent_fwd(logits, targets, losses):
-    """Per-row cross-entropy of logits [N, V] with targets [N]; rows with target < 0 get loss 0."""
-    N, V = logits.shape
-    for i in range(N):
-        t = targets[i]
-        if t < 0:
-            losses[i] = 0.0
-            continue
-        mx = -np.inf
-        for j in range(V):
-            if logits[i, j] > mx:
-                mx = logits[i, j]
-        s = 0.0
-        for j in range(V):
-            s += math.exp(logits[i, j] - mx)
-        losses[i] = math.log(s) + mx - logits[i, t]
-
-
-@nb.njit(**_rjit)
-def xent_bwd(logits, targets, scale, dlogits):
-    """dlogits[i] = scale[i] * (softmax(logits[i]) - onehot(targets[i])); zero rows where target < 0."""
-    N, V = logits.shape
-    for i in range(N):
-        t = targets[i]
-        if t < 0:
-            for j in range(V):
-                dlogits[i, j] = 0.0
-            continue
-        mx = -np.inf
-        for j in range(V):
-            if logits[i, j] > mx:
-                mx = logits[i, j]
-        s = 0.0
-        for j in range(V):
-            e = math.exp(logits[i, j] - mx)
-            dlogits[i, j] = e
-            s += e
-        inv = scale[i] / s
-        for j in range(V):
-            dlogits[i, j] *= inv
-        dlogits[i, t] -= scale[i]
 
 
 @nb.njit(**_jit)

@@ -161,6 +161,26 @@ def test_cross_entropy_with_ignore_index(rng):
     assert np.all(d[~keep] == 0)
 
 
+def test_cross_entropy_float32_over_a_large_vocabulary_in_chunks(rng):
+    """Rows are processed in ~1 MB chunks: several chunks, an ignored row in one, per-row scales."""
+    N, V = 40, 20000
+    logits = rng.standard_normal((N, V)) * 4
+    targets = rng.integers(0, V, N)
+    targets[17] = -1
+    assert L._xent_rows(logits.astype(np.float32)) < N  # really more than one chunk
+    lse = np.log(np.exp(logits).sum(-1))
+    nll = np.where(targets >= 0, lse - logits[np.arange(N), np.maximum(targets, 0)], 0.0)
+    scale = rng.uniform(0.5, 2.0, N)
+    soft = np.exp(logits - lse[:, None])
+    soft[np.arange(N), np.maximum(targets, 0)] -= 1.0
+    ref = np.where((targets >= 0)[:, None], soft * scale[:, None], 0.0)
+    x32 = logits.astype(np.float32)
+    got = L.token_nll(x32, targets)
+    assert got.dtype == np.float32 and rel_err(got, nll) < 1e-6
+    d = L.cross_entropy_backward(x32, targets, row_scale=scale)
+    assert d.dtype == np.float32 and np.abs(d - ref).max() < 1e-6 and np.all(d[17] == 0)
+
+
 def test_dropout_forward_backward(rng):
     x = rng.standard_normal((50, 40))
     out, mask = L.dropout_forward(x, 0.25, np.random.default_rng(1))
