@@ -178,10 +178,7 @@ def attention_forward(q, k, v, q_offset=0, dropout=0.0, rng=None, pad=None, save
     if not save and Tq == 1 and not kstart.any():  # decoding one token: every cached key is visible
         s = q @ k.swapaxes(-1, -2)
         s *= scale
-        s -= s.max(-1, keepdims=True)
-        np.exp(s, out=s)
-        s /= s.sum(-1, keepdims=True)
-        return s @ v, None
+        return _softmax_inplace(s) @ v, None
     if not save:
         return causal_softmax(q @ k.swapaxes(-1, -2) * scale, q_offset, kstart) @ v, None
     att = np.ascontiguousarray(q @ k.swapaxes(-1, -2))
@@ -228,9 +225,14 @@ def _tile_softmax(s, scale):
     rows = s.shape[0]
     s *= scale
     s[:, s.shape[1] - rows:][_above_diagonal(rows)] = -np.inf
-    s -= s.max(1, keepdims=True)
+    return _softmax_inplace(s)
+
+
+def _softmax_inplace(s):
+    """Softmax over the last axis of s, in place (NumPy's SIMD exp); -inf entries become exactly 0."""
+    s -= s.max(-1, keepdims=True)
     np.exp(s, out=s)
-    s /= s.sum(1, keepdims=True)
+    s /= s.sum(-1, keepdims=True)
     return s
 
 
