@@ -41,42 +41,30 @@ def sst2_to_jsonl(src: Path, dst: Path, size: int | None = None, seed: int = 0):
     dst.write_text("\n".join(recs) + "\n")
 
 
-def linear_probe(model_dir: Path, train_file: Path, dev_file: Path) -> float:
-    """Dev accuracy of logistic regression on frozen features (mean and last hidden state of the
-    sentence): how much sentiment the representation holds before any fine-tuning."""
+def read_labelled(path: Path):
+    """(texts, labels as 0/1) of a JSON-lines SST-2 file."""
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["text"] for r in recs], [float(r["label"] == "positive") for r in recs]
+
+
+def sentence_features(model, texts):
+    """[N, 2C] frozen features per sentence: the mean and the last of the final hidden states."""
     import numpy as np
-    model = npgpt.load(model_dir)
-
-    def feats(path):
-        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        rows = []
-        for r in recs:
-            h = model.features(np.array([model.tokenizer.encode(r["text"])[-model.config.block_size:]]))[0]
-            rows.append(np.concatenate([h.mean(0), h[-1]]))
-        model.drop_activations()
-        return np.array(rows, np.float64), np.array([r["label"] == "positive" for r in recs], np.float64)
-
-    X, y = feats(train_file)
-    Xd, yd = feats(dev_file)
-    return logistic_regression(X, y, Xd, yd, standardise=True)
+    rows = []
+    for text in texts:
+        h = model.features(np.array([model.tokenizer.encode(text)[-model.config.block_size:]]))[0]
+        rows.append(np.concatenate([h.mean(0), h[-1]]))
+    model.drop_activations()
+    return np.array(rows, np.float64)
 
 
-def bag_of_words(model_dir: Path, train_file: Path, dev_file: Path) -> float:
-    """Dev accuracy of logistic regression on which tokens a sentence contains: the baseline a
-    representation has to beat to be worth anything."""
+def bag_of_words_features(tok, texts):
+    """[N, V] which tokens a sentence contains: the baseline a representation has to beat."""
     import numpy as np
-    tok = npgpt.load(model_dir).tokenizer
-
-    def feats(path):
-        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        X = np.zeros((len(recs), tok.vocab_size), np.float32)
-        for i, r in enumerate(recs):
-            X[i, tok.encode(r["text"])] = 1.0
-        return X, np.array([r["label"] == "positive" for r in recs], np.float32)
-
-    X, y = feats(train_file)
-    Xd, yd = feats(dev_file)
-    return logistic_regression(X, y, Xd, yd, standardise=False, l2=1e-3, lr=1.0)
+    X = np.zeros((len(texts), tok.vocab_size), np.float32)
+    for i, text in enumerate(texts):
+        X[i, tok.encode(text)] = 1.0
+    return X
 
 
 def logistic_regression(X, y, Xd, yd, standardise: bool, l2: float = 1e-2, lr: float = 0.5) -> float:
@@ -182,18 +170,38 @@ def main():
 
 
 def probes(out: Path, sizes, seeds):
-    """Linear probes of both arms' frozen features on the low-resource subsets, beside a bag-of-words
-    logistic regression on the same labels (means over subsets)."""
+    """Logistic regression on both arms' frozen features (linear probes: how much sentiment the
+    representation holds before any fine-tuning) beside one on a bag of words, with the same labels;
+    means over the low-resource subsets. Each sentence's features are computed once."""
+    import numpy as np
+    texts, labels = read_labelled(out / "train.jsonl")
+    dev_texts, dev_labels = read_labelled(out / "dev.jsonl")
+    row = {t: i for i, t in enumerate(texts)}
+    feats = {}
+    for arm in ("pretrained", "scratch"):
+        model = npgpt.load(out / arm)
+        feats[arm] = (sentence_features(model, texts), sentence_features(model, dev_texts), True)
+    tok = npgpt.load(out / "pretrained").tokenizer
+    feats["bow"] = (bag_of_words_features(tok, texts), bag_of_words_features(tok, dev_texts), False)
+    yd = np.array(dev_labels)
+
+    def accuracy(kind, idx, y):
+        X, Xd, standardise = feats[kind]
+        if standardise:  # hidden states: a linear probe
+            return logistic_regression(X[idx], y, Xd, yd, standardise=True)
+        return logistic_regression(X[idx], y.astype(np.float32), Xd, yd.astype(np.float32), standardise=False,
+                                   l2=1e-3, lr=1.0)
+
+    def subset(path):
+        t, lab = read_labelled(path)
+        return [row[x] for x in t], np.array(lab)
+
     print(f"\n{'linear probe, labels':<22} {'pretrained features':>24} {'random features':>16} {'bag of words':>13}")
-    for n in sizes:
-        files = [out / f"train-{n}-{seed}.jsonl" for seed in range(seeds)]
-        acc = [[linear_probe(out / arm, f, out / "dev.jsonl") for f in files] for arm in ("pretrained", "scratch")]
-        acc.append([bag_of_words(out / "pretrained", f, out / "dev.jsonl") for f in files])
-        print(f"{n:<22} {sum(acc[0]) / seeds:>24.4f} {sum(acc[1]) / seeds:>16.4f} {sum(acc[2]) / seeds:>13.4f}",
-              flush=True)
-    acc = [linear_probe(out / arm, out / "train.jsonl", out / "dev.jsonl") for arm in ("pretrained", "scratch")]
-    bow = bag_of_words(out / "pretrained", out / "train.jsonl", out / "dev.jsonl")
-    print(f"{'all':<22} {acc[0]:>24.4f} {acc[1]:>16.4f} {bow:>13.4f}")
+    subsets = [(str(n), [subset(out / f"train-{n}-{seed}.jsonl") for seed in range(seeds)]) for n in sizes]
+    subsets.append(("all", [(list(range(len(texts))), np.array(labels))]))
+    for name, parts in subsets:
+        acc = [np.mean([accuracy(kind, idx, y) for idx, y in parts]) for kind in ("pretrained", "scratch", "bow")]
+        print(f"{name:<22} {acc[0]:>24.4f} {acc[1]:>16.4f} {acc[2]:>13.4f}", flush=True)
 
 
 if __name__ == "__main__":
