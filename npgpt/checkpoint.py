@@ -14,62 +14,22 @@ area of a float32 checkpoint *is* the flat parameter buffer, so loading is one n
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .config import GPTConfig, config_from_dict
 from .errors import NpgptError
+from .files import atomic_open, atomic_write_bytes, atomic_write_json, current, file_set  # noqa: F401
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "BOOL": np.bool_}
 ITEMSIZE = {**{k: np.dtype(v).itemsize for k, v in DTYPES.items()}, "BF16": 2}
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
-
-
-# ---------------------------------------------------------------- atomic files
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | Path):
-    """Write a file atomically: a temp file in the same dir, fsync, rename over `path`. On any error the
-    temp file is removed and `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes):
-    with atomic_open(path) as f:
-        f.write(data)
-
-
-def atomic_write_json(path: str | Path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 # ---------------------------------------------------------------- safetensors
@@ -95,9 +55,125 @@ def write_safetensors(path: str | Path, tensors, metadata: dict[str, str] | None
             f.write(np.ascontiguousarray(arr).data)
 
 
+# Limits on what a header may describe. MAX_HEADER_BYTES and MAX_JSON_DEPTH are the safetensors
+# library's own (serde_json gives up at 128 levels of nesting), so both accept the same headers. The shape
+# caps keep even a zero-size tensor (which holds no data, so the file size does not bound it) from making
+# numpy fail: [0, 2**40, 2**40] overflows numpy's size computation, more than 32 dims numpy 1.x's limit.
+MAX_HEADER_BYTES = 100_000_000
+MAX_JSON_DEPTH = 127
+MAX_NDIM = 32
+MAX_ELEMENTS = 2 ** 40  # each dimension, and the product of the non-zero ones
+
+
+def _short(s: str, n: int = 60) -> str:
+    """repr of a tensor name or key, cut to `n` characters: an error message stays one short line."""
+    r = repr(s)
+    return r if len(r) <= n else r[:n - 3] + "..."
+
+
+def _finite_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v):  # 1e999: serde_json calls this "number out of range"
+        raise ValueError("number out of range")
+    return v
+
+
+def _json_int(s: str):
+    """A JSON integer read as serde_json (the safetensors library's parser) reads it: "-0" and integers
+    outside 64 bits become floats, which no integer field of the header accepts."""
+    if s == "-0" or len(s) > 20:
+        return _finite_float(s)
+    v = int(s)
+    return v if -2 ** 63 <= v < 2 ** 64 else _finite_float(s)
+
+
+def _no_constant(s: str):
+    raise ValueError(f"{s} is not JSON")  # NaN, Infinity, -Infinity: Python's json accepts them
+
+
+def _is_count(x) -> bool:
+    """A non-negative JSON integer (Python's bool is an int; JSON's true is not a number)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _parse_header(raw: bytes, path: Path):
+    """Header bytes -> JSON value. Strict UTF-8, no duplicate keys at any level, no NaN/Infinity or
+    numbers beyond a double, at most MAX_JSON_DEPTH levels of nesting, no lone surrogates (\\ud800)."""
+    def bad(why: str) -> NpgptError:
+        return NpgptError(f"{path}: safetensors header {why}")
+
+    def unique(pairs):
+        d = dict(pairs)
+        if len(d) != len(pairs):  # Python's json would silently keep the last value
+            seen: set = set()
+            dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise bad(f"repeats the key {_short(dup)}")
+        return d
+
+    try:
+        text = raw.decode("utf-8")  # explicit: json.loads(bytes) would also take UTF-16 and UTF-32
+    except UnicodeDecodeError:
+        raise bad("is not UTF-8 text") from None
+    try:
+        value = json.loads(text, object_pairs_hook=unique, parse_int=_json_int, parse_float=_finite_float,
+                           parse_constant=_no_constant)
+    except RecursionError:
+        raise bad(f"is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError:
+        raise bad("is not valid JSON") from None
+    stack = [(value, 1)]  # one walk, no recursion: nesting depth and strings that are not valid Unicode
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise bad("holds a lone surrogate (\\ud800-\\udfff), which is not Unicode") from None
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise bad(f"is nested more than {MAX_JSON_DEPTH} levels deep")
+            stack.extend((x, depth + 1) for x in ([*v, *v.values()] if isinstance(v, dict) else v))
+    return value
+
+
+def _tensor_entry(path: Path, name: str, e, data_size: int) -> tuple[int, int, str, str, tuple]:
+    """Check one header entry {"dtype", "shape", "data_offsets"} against a data area of `data_size`
+    bytes; return (begin, end, name, dtype, shape)."""
+    where = f"{path}: tensor {_short(name)}"
+    if not isinstance(e, dict):
+        raise NpgptError(f"{where}: entry is not a JSON object")
+    lacking = [k for k in ("dtype", "shape", "data_offsets") if k not in e]
+    if lacking:
+        raise NpgptError(f"{where}: entry lacks {', '.join(lacking)}")
+    dt, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if not isinstance(dt, str):
+        raise NpgptError(f"{where}: dtype must be a string")
+    if dt not in ITEMSIZE:
+        raise NpgptError(f"{where} has unsupported dtype {_short(dt)}")
+    if not (isinstance(shape, list) and all(_is_count(s) for s in shape)):
+        raise NpgptError(f"{where}: shape must be a list of non-negative integers")
+    if len(shape) > MAX_NDIM:
+        raise NpgptError(f"{where}: shape has {len(shape)} dimensions, at most {MAX_NDIM} are supported")
+    if math.prod(s for s in shape if s) > MAX_ELEMENTS:
+        raise NpgptError(f"{where}: shape is too large (more than 2**40 elements)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise NpgptError(f"{where}: data_offsets must be two non-negative integers")
+    a, b = offsets
+    if b > data_size:  # a tensor can never be larger than the file
+        raise NpgptError(f"{where} ends at byte {b} of a {data_size}-byte data area (truncated?)")
+    if a > b or b - a != math.prod(shape) * ITEMSIZE[dt]:
+        raise NpgptError(f"{where} has offsets that do not match its shape and dtype")
+    return a, b, name, dt, tuple(shape)
+
+
 def read_safetensors_header(path: str | Path) -> tuple[dict, dict, int]:
     """Validate a safetensors file; return (tensor entries in data order, metadata, data-area offset).
-    Rejects bad lengths, unknown dtypes, sizes that don't match shape x itemsize, gaps and overlaps."""
+
+    Accepts exactly what the safetensors library accepts, less what npgpt cannot or will not read
+    (tests/test_safetensors.py checks this): dtypes outside ITEMSIZE, duplicate keys, entries that are
+    JSON arrays, and shapes beyond MAX_NDIM / MAX_ELEMENTS. Anything wrong raises NpgptError, one line
+    naming the file: bad lengths, types, sizes that don't match shape x itemsize, gaps and overlaps."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -106,36 +182,26 @@ def read_safetensors_header(path: str | Path) -> tuple[dict, dict, int]:
             if len(head) < 8:
                 raise NpgptError(f"{path}: not a safetensors file (too short)")
             (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
+            if n > size - 8 or n > MAX_HEADER_BYTES:
                 raise NpgptError(f"{path}: truncated or corrupt safetensors header")
             raw = f.read(n)
     except OSError as e:
-        raise NpgptError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise NpgptError(f"{path}: safetensors header is not valid JSON") from None
+        raise NpgptError(f"cannot read {path}: {e.strerror or e}") from None
+    header = _parse_header(raw, path)
     if not isinstance(header, dict):
-        raise NpgptError(f"{path}: safetensors header is not an object")
-    meta = header.pop("__metadata__", None) or {}
-    entries = []
-    for name, e in header.items():
-        try:
-            dt, shape, (a, b) = e["dtype"], [int(s) for s in e["shape"]], e["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise NpgptError(f"{path}: malformed entry for tensor {name!r}") from None
-        if dt not in ITEMSIZE:
-            raise NpgptError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
-        if any(s < 0 for s in shape) or not (0 <= a <= b) or b - a != math.prod(shape) * ITEMSIZE[dt]:
-            raise NpgptError(f"{path}: tensor {name!r} has offsets that do not match its shape and dtype")
-        entries.append((a, b, name, dt, tuple(shape)))
-    entries.sort()
+        raise NpgptError(f"{path}: safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise NpgptError(f"{path}: safetensors __metadata__ must map strings to strings")
+    data_start = 8 + n
+    entries = sorted(_tensor_entry(path, name, e, size - data_start) for name, e in header.items())
     pos = 0
     for a, b, name, *_ in entries:
         if a != pos:
-            raise NpgptError(f"{path}: tensor {name!r} {'overlaps another' if a < pos else 'leaves a gap'}")
+            raise NpgptError(f"{path}: tensor {_short(name)} {'overlaps another' if a < pos else 'leaves a gap'}")
         pos = b
-    data_start = 8 + n
     if data_start + pos != size:
         raise NpgptError(f"{path}: file is {size} bytes, header describes {data_start + pos} (truncated?)")
     ordered = {name: {"dtype": dt, "shape": shape, "begin": a, "end": b} for a, b, name, dt, shape in entries}
@@ -199,44 +265,77 @@ def load_flat(path: str | Path, shapes, mmap: bool = True) -> tuple[np.ndarray, 
 
 
 # ---------------------------------------------------------------- checkpoint dirs
-def save_checkpoint(directory: str | Path, model, *, train_config=None, optimizer=None, state: dict | None = None,
-                    provenance: dict | None = None):
-    """Write a checkpoint dir. Each file is atomic; state.json (the resume record) is written last and
-    names the step that model.safetensors and optim.safetensors carry in their metadata."""
-    d = Path(directory)
+def all_finite(a: np.ndarray) -> bool:
+    """True when no element is NaN or inf (one float64 reduction: no temporary the size of `a`)."""
+    return math.isfinite(float(np.add.reduce(np.asarray(a).reshape(-1), dtype=np.float64)))
+
+
+def write_checkpoint(d: str | Path, model, *, sections: dict | None = None, heads: dict | None = None,
+                     optimizers: dict | None = None, state: dict | None = None):
+    """Write the files of a checkpoint into the dir `d` (use `save_checkpoint` to replace a checkpoint
+    as one atomic set). config.json is written here and only here: {"model", "tokenizer", **sections}
+    (sections: "train", "provenance", "finetune", "sft", "reward", "value", "dpo", "ppo" ...).
+    heads: {file name: [(tensor name, array)]} for task/reward heads. optimizers: {prefix: AdamW},
+    stored as prefix + "m"/"v" in optim.safetensors with their step counts. state: the resume record
+    (state.json). Non-finite weights are refused: a NaN never reaches a checkpoint."""
+    d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
+    arrays = [model.flat] + [a for ts in (heads or {}).values() for _, a in ts]
+    if not all(all_finite(a) for a in arrays):
+        raise NpgptError("the weights are not finite (NaN or inf); refusing to write a checkpoint")
     step = str(state["step"]) if state else "0"
-    if optimizer is not None:
-        write_safetensors(d / "optim.safetensors", [("m", optimizer.m), ("v", optimizer.v)],
-                          {"step": step, "t": str(optimizer.t)})
+    if optimizers:
+        tensors, meta = [], {"step": step}
+        for prefix, opt in optimizers.items():
+            tensors += [(prefix + "m", opt.m), (prefix + "v", opt.v)]
+            meta[prefix + "t"] = str(opt.t)
+        write_safetensors(d / "optim.safetensors", tensors, meta)
     write_safetensors(d / "model.safetensors", [(n, model.params[n]) for n, _ in model.shapes],
                       {"format": "pt", "step": step})
+    for fname, tensors in (heads or {}).items():
+        write_safetensors(d / fname, tensors)
     if model.tokenizer is not None:
         model.tokenizer.save(d)
     cfg = {"model": dataclasses.asdict(model.config),
-           "tokenizer": {"kind": model.tokenizer.kind} if model.tokenizer is not None else None}
-    if train_config is not None:
-        cfg["train"] = dataclasses.asdict(train_config)
-    if provenance:
-        cfg["provenance"] = provenance
+           "tokenizer": {"kind": model.tokenizer.kind} if model.tokenizer is not None else None,
+           **{k: v for k, v in (sections or {}).items() if v is not None}}
     atomic_write_json(d / "config.json", cfg)
     if state is not None:
         atomic_write_json(d / "state.json", state)
 
 
+def save_checkpoint(directory: str | Path, model, *, train_config=None, optimizer=None, state: dict | None = None,
+                    provenance: dict | None = None, sections: dict | None = None, heads: dict | None = None):
+    """Replace the checkpoint in `directory` as one atomic set (see files.file_set): after a crash at
+    any moment the dir holds the whole old checkpoint or the whole new one."""
+    sections = {"train": dataclasses.asdict(train_config) if train_config is not None else None,
+                "provenance": provenance, **(sections or {})}
+    with file_set(directory) as stage:
+        write_checkpoint(stage, model, sections=sections, heads=heads,
+                         optimizers={"": optimizer} if optimizer is not None else None, state=state)
+
+
 def read_config(directory: str | Path) -> dict:
+    """A checkpoint's config.json, its sections type-checked (the model section is checked in full by
+    config_from_dict)."""
     d = Path(directory)
     if not d.is_dir():
         raise NpgptError(f"model dir not found: {d}")
-    path = d / "config.json"
+    path = current(d, "config.json")
     if not path.is_file():
         raise NpgptError(f"{d} is not an npgpt checkpoint (no config.json)")
     try:
-        cfg = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise NpgptError(f"{path} is not valid JSON") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise NpgptError(f"{path} has no \"model\" section")
+    tok = cfg.get("tokenizer")
+    if tok is not None and not (isinstance(tok, dict) and isinstance(tok.get("kind"), str)):
+        raise NpgptError(f"{path}: \"tokenizer\" must be null or an object with a \"kind\"")
+    for key in ("quantization", "train", "provenance", "finetune", "sft", "reward", "value", "dpo", "ppo"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise NpgptError(f"{path}: \"{key}\" must be an object")
     return cfg
 
 
@@ -249,19 +348,30 @@ def load_model(directory: str | Path, *, mmap: bool = True):
     d = Path(directory)
     cfg = read_config(d)
     config: GPTConfig = config_from_dict(cfg["model"])
-    if not (d / "model.safetensors").is_file():
+    weights = current(d, "model.safetensors")
+    if not weights.is_file():
         raise NpgptError(f"{d} has no model.safetensors")
+    # every layer has tensors of its own: a config with more layers than the file has tensors is
+    # refused before anything is built from it (n_layer: 100000000 must not hang)
+    if config.n_layer > len(read_safetensors_header(weights)[0]):
+        raise NpgptError(f"{weights}: holds fewer tensors than the config's {config.n_layer} layers need")
     quant = cfg.get("quantization")
     if quant:
         from .quant import SCHEME, load_quantized_params
         if quant.get("scheme") != SCHEME:
             raise NpgptError(f"{d}: unknown quantization scheme {quant.get('scheme')!r}")
-        params = load_quantized_params(d / "model.safetensors", param_shapes(config))
+        params = load_quantized_params(weights, param_shapes(config))
     else:
-        flat, _ = load_flat(d / "model.safetensors", param_shapes(config), mmap=mmap)
+        flat, _ = load_flat(weights, param_shapes(config), mmap=mmap)
     tok = None
     if cfg.get("tokenizer"):
-        tok = Tokenizer.load(d, cfg["tokenizer"]["kind"])
+        tok = Tokenizer.load(current(d, "tokenizer.json").parent, cfg["tokenizer"]["kind"])
         if tok.vocab_size > config.vocab_size:
             raise NpgptError(f"{d}: tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}")
     return GPT(config, params=params, tokenizer=tok) if quant else GPT(config, flat, tokenizer=tok)
+
+
+def load_head(directory: str | Path, name: str = "head.safetensors") -> dict[str, np.ndarray]:
+    """The tensors of a head file next to a checkpoint (task or reward head), as private copies."""
+    tensors, _ = load_safetensors(current(directory, name), mmap=False)
+    return tensors

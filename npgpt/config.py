@@ -55,6 +55,32 @@ class GPTConfig:
         return self
 
 
+# Field rules for the optimisation configs: name -> (test, what the message says it must be).
+RULES = {
+    "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "index": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "positive": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "nonneg": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "fraction": (lambda v: math.isfinite(v) and 0 <= v < 1, "in [0, 1)"),
+    "unit": (lambda v: math.isfinite(v) and 0 <= v <= 1, "in [0, 1]"),
+}
+
+
+def check_fields(cfg, **rules):
+    """Validate dataclass fields by rule name (see RULES); the first violation raises a one-line
+    NpgptError. Configs call it from __post_init__, so every way of making one is checked (defaults,
+    files, --key value overrides, dataclasses.replace, a saved config.json)."""
+    for name, rule in rules.items():
+        test, what = RULES[rule]
+        value = getattr(cfg, name)
+        try:
+            ok = test(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise NpgptError(f"config: {name} must be {what}, got {value!r}")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings. Defaults follow GPT-3's AdamW recipe at a small scale."""
@@ -75,6 +101,12 @@ class TrainConfig:
     ckpt_interval: int = 0          # 0 means at every evaluation
     log_interval: int = 10
     seed: int = 1337
+
+    def __post_init__(self):
+        check_fields(self, batch_size="count", grad_accum="count", max_iters="count", warmup_iters="index",
+                     lr_decay_iters="index", eval_interval="count", eval_iters="count", ckpt_interval="index",
+                     log_interval="count", seed="index", learning_rate="positive", min_lr="nonneg",
+                     weight_decay="nonneg", beta1="fraction", beta2="fraction", eps="positive", grad_clip="nonneg")
 
 
 # Presets: nano/baby for tests and CPU runs, then the paper models.
@@ -177,14 +209,7 @@ def resolve_config(preset_name: str | None = None, file_values: dict | None = No
                 train[key] = _coerce(TrainConfig, key, value, source)
             else:
                 raise NpgptError(f"{source}: unknown key {key!r}")
-    mcfg = GPTConfig(**model).validate()
-    tcfg = TrainConfig(**train)
-    for name in ("batch_size", "grad_accum", "max_iters", "eval_iters", "log_interval", "eval_interval"):
-        if getattr(tcfg, name) < 1:
-            raise NpgptError(f"config: {name} must be a positive integer, got {getattr(tcfg, name)}")
-    if not (tcfg.learning_rate > 0 and math.isfinite(tcfg.learning_rate)):
-        raise NpgptError(f"config: learning_rate must be > 0, got {tcfg.learning_rate}")
-    return mcfg, tcfg
+    return GPTConfig(**model).validate(), TrainConfig(**train)
 
 
 def parse_overrides(args: list[str]) -> dict:
@@ -219,13 +244,18 @@ def apply_overrides(obj, overrides: dict, source: str = "override"):
     return dataclasses.replace(obj, **values)
 
 
-def config_from_dict(d: dict) -> GPTConfig:
-    """GPTConfig from a checkpoint's config.json "model" entry (unknown keys are an error)."""
-    known = {f.name for f in fields(GPTConfig)}
+def config_from_dict(d: dict, cls=None):
+    """A GPTConfig (or `cls`, e.g. TrainConfig) from a checkpoint's config.json section: unknown keys
+    and wrong types are errors, never a traceback."""
+    cls = cls or GPTConfig
+    if not isinstance(d, dict):
+        raise NpgptError(f"{cls.__name__} in config.json must be an object")
+    known = {f.name for f in fields(cls)}
     unknown = set(d) - known
     if unknown:
-        raise NpgptError(f"model config has unknown keys: {', '.join(sorted(unknown))}")
-    return GPTConfig(**{k: _coerce(GPTConfig, k, v, "model config") for k, v in d.items()}).validate()
+        raise NpgptError(f"{cls.__name__} has unknown keys: {', '.join(sorted(map(str, unknown)))}")
+    cfg = cls(**{k: _coerce(cls, k, v, "saved config") for k, v in d.items()})
+    return cfg.validate() if cls is GPTConfig else cfg
 
 
 __all__ = ["GPTConfig", "TrainConfig", "PRESETS", "preset", "resolve_config", "parse_overrides",

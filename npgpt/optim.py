@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 
+from .errors import NpgptError
+
 
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, decay_iters: int) -> float:
     """Learning rate at optimizer step `step` (0-based): linear warmup over `warmup` steps to `lr`, then
@@ -20,6 +22,16 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, decay_iters: int) ->
 def grad_norm(grad: np.ndarray) -> float:
     """Global L2 norm of a flat gradient."""
     return math.sqrt(float(np.dot(grad, grad)))
+
+
+def first_non_finite(**values) -> str | None:
+    """"name became value" for the first of `values` that is NaN or inf, else None. Every training loop
+    asks this of its loss, gradient norm (and reward) before an update, so a non-finite step never
+    reaches the weights or a checkpoint."""
+    for name, v in values.items():
+        if not math.isfinite(v):
+            return f"{name.replace('_', ' ')} became {v}"
+    return None
 
 
 def joint_clip(clip: float, *grads):
@@ -50,10 +62,13 @@ class AdamW:
         self.v = np.zeros_like(params)
         self.t = 0
 
-    def step(self, grad: np.ndarray, lr: float, clip: float = 0.0) -> float:
+    def step(self, grad: np.ndarray, lr: float, clip: float = 0.0, norm: float | None = None) -> float:
         """Apply one update from `grad`; clip it to global norm `clip` first (0 = off). Returns the norm
-        before clipping."""
-        norm = grad_norm(grad)
+        before clipping (pass it as `norm` when already known). A non-finite gradient is refused, not
+        applied: clipping would turn inf into NaN weights."""
+        norm = grad_norm(grad) if norm is None else norm
+        if not math.isfinite(norm):
+            raise NpgptError(f"gradient norm is {norm}; the update was not applied")
         gscale = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0  # as torch's clip_grad_norm_
         self.t += 1
         bc1 = 1.0 - self.beta1 ** self.t

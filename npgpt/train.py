@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_open, load_model, read_config, save_checkpoint
+from .checkpoint import load_model, load_safetensors, read_config, save_checkpoint
 from .config import TrainConfig, config_from_dict, load_config_file, resolve_config
 from .data import TokenData
 from .errors import NpgptError
+from .files import KINDS, LOCK, DirLock, atomic_open, claim_out, crash_point, current, dir_kind, recover
 from .model import GPT
-from .optim import AdamW, lr_at
+from .optim import AdamW, first_non_finite, grad_norm, lr_at
 from .params import decay_mask
 from .threads import thread_info
 
@@ -44,32 +45,49 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
 
     Config precedence: preset < config_file < overrides (keys of GPTConfig or TrainConfig). With
     resume=True the run continues from `out_dir` with its saved configs (overrides may change training
-    settings such as max_iters). An existing run in `out_dir` is refused unless resume or force.
+    settings such as max_iters); a run killed before its first checkpoint starts again from step 0.
+    An existing run in `out_dir` is refused unless resume or force (force removes it first).
     init starts from a checkpoint's weights instead of random ones (continued pretraining, or nanoGPT's
     fine-tuning of GPT-2 on new text): its architecture is kept (dropout may change) and the data must
     have been prepared with its tokenizer (`npgpt prepare --tokenizer INIT_DIR`).
+    The run dir is locked for the whole run: a second process on it stops with an error.
     """
     stream = stream or sys.stderr
     if init is not None and (resume or preset):
         raise NpgptError("--init takes the architecture from its checkpoint: give neither --resume nor --preset")
+    if resume and force:
+        raise NpgptError("give --resume or --force, not both")
     out = Path(out_dir)
     data = TokenData(data_dir)
+    started = (out / LOCK).exists()
+    lock = DirLock(out).acquire()
+    try:
+        recover(out)
+        kind = dir_kind(out)
+        if resume and kind not in ("run", None):
+            raise NpgptError(f"{out} holds {KINDS[kind]}, not a training run; nothing to resume")
+        if resume and kind is None and not started:
+            raise NpgptError(f"nothing to resume in {out} (no run was started there)")
+        if not resume and kind == "run" and not force:
+            raise NpgptError(f"{out} already holds a run; use --resume to continue it or --force to overwrite it")
+        if not resume:
+            claim_out(out, "run", force, lock=False)
+        return _train(data, out, preset, config_file, overrides, init, resume and kind == "run", quiet, stream)
+    finally:
+        lock.release()
+
+
+def _train(data: TokenData, out: Path, preset, config_file, overrides, init, resume: bool, quiet, stream) -> GPT:
     file_values = load_config_file(config_file) if config_file else {}
     if resume:
-        if not (out / "state.json").is_file():
-            raise NpgptError(f"nothing to resume in {out} (no state.json)")
         saved = read_config(out)
         base_model = config_from_dict(saved["model"])
-        base_train = TrainConfig(**saved.get("train", {}))
+        base_train = config_from_dict(saved.get("train") or {}, TrainConfig)
         mcfg, tcfg = resolve_config(None, file_values, overrides, base=base_model, train_base=base_train)
         if mcfg != base_model:
             raise NpgptError("cannot change the model's architecture when resuming")
-        init = saved.get("provenance", {}).get("init")  # kept in the resumed run's provenance
+        init = (saved.get("provenance") or {}).get("init")  # kept in the resumed run's provenance
     else:
-        if (out / "state.json").exists() or (out / "model.safetensors").exists():
-            if not force:
-                raise NpgptError(f"{out} already holds a run; use --resume to continue it or --force to "
-                                 f"overwrite it")
         if init is not None:
             start = _init_model(init, data)
             mcfg, tcfg = resolve_config(None, file_values, overrides, base=start.config)
@@ -86,7 +104,10 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
     ckpt_every = tcfg.ckpt_interval or tcfg.eval_interval
     if resume:
         model = load_model(out, mmap=False)
-        state = json.loads((out / "state.json").read_text())
+        if model.tokenizer is None or model.tokenizer.tk.get_vocab() != data.tokenizer.tk.get_vocab():
+            raise NpgptError(f"the data in {data.dir} was not tokenized with this run's tokenizer; resume with "
+                             f"the data the run started on (or prepare yours with --tokenizer {out})")
+        state = _read_state(out)
         opt = AdamW(model.flat, decay_mask(mcfg), weight_decay=tcfg.weight_decay, beta1=tcfg.beta1,
                     beta2=tcfg.beta2, eps=tcfg.eps)
         _load_optimizer(out, opt, state["step"])
@@ -104,10 +125,7 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
                     beta2=tcfg.beta2, eps=tcfg.eps)
         step, best_val, elapsed = 0, math.inf, 0.0
         rng = np.random.default_rng(tcfg.seed)
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_open(out / "metrics.jsonl"):
-            pass
-    model.tokenizer = data.tokenizer
+        _truncate_metrics(out / "metrics.jsonl", 0)
     provenance = {"data": str(data.dir), "tokenizer": data.tokenizer.kind, "created_by": "npgpt train"}
     if init is not None:
         provenance["init"] = str(init)
@@ -134,18 +152,26 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
     def evaluate():
         tl = estimate_loss(model, data, "train", tcfg.eval_iters, B, tcfg.seed)
         vl = estimate_loss(model, data, "val", tcfg.eval_iters, B, tcfg.seed) if data.sizes["val"] > T else math.nan
+        bad = first_non_finite(train_loss=tl, **({"val_loss": vl} if data.sizes["val"] > T else {}))
+        if bad:
+            raise NpgptError(f"{bad} at the evaluation of step {step}; stopped without saving. The last good "
+                             f"checkpoint in {out} is kept")
         log({"step": step, "train_loss": tl, "val_loss": vl})
         return tl, vl
 
     def checkpoint():
+        os.fsync(metrics.fileno())  # the log of every step up to this one is on disk before the checkpoint
         state = {"step": step, "rng": rng.bit_generator.state, "best_val_loss": best_val, "elapsed": elapsed,
                  "tokens_seen": step * B * k * T}
         save_checkpoint(out, model, train_config=tcfg, optimizer=opt, state=state, provenance=provenance)
-        _plot(out)
+        if step:
+            _plot(out)
 
     bar = _Progress(tcfg.max_iters, step, stream, quiet)
     try:
-        if step == 0:
+        if step == 0:  # a fresh run: checkpoint the start, so that a kill at any moment can resume
+            if not resume:
+                checkpoint()
             tl, vl = evaluate()
             bar.message(f"step 0: train loss {tl:.4f}, val loss {vl:.4f}")
         t_last = time.perf_counter()
@@ -158,11 +184,14 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
                     x, y = data.batch("train", B, T, rng)
                     loss += model.loss(x, y, train=True, rng=rng) / k
                     model.backward(1.0 / k)
-            if not math.isfinite(loss):
-                raise NpgptError(f"loss became {loss} at step {step + 1}; stopped without saving. The last good "
-                                 f"checkpoint in {out} is kept")
-            norm = opt.step(model.grad, lr, tcfg.grad_clip)
+                norm = grad_norm(model.grad)
+            bad = first_non_finite(loss=loss, gradient_norm=norm)
+            if bad:
+                raise NpgptError(f"{bad} at step {step + 1}; stopped without saving. The last good checkpoint in "
+                                 f"{out} is kept")
+            opt.step(model.grad, lr, tcfg.grad_clip, norm=norm)
             step += 1
+            crash_point("train step")
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             elapsed += dt
@@ -193,26 +222,50 @@ def _init_model(init, data: TokenData) -> GPT:
     return start
 
 
+def _read_state(out: Path) -> dict:
+    """state.json, the resume record, checked enough that a damaged one is an error, not a traceback."""
+    try:
+        state = json.loads(current(out, "state.json").read_text())
+        if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("rng"), dict)):
+            raise ValueError
+        return state
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise NpgptError(f"{out}/state.json is damaged; the run cannot be resumed") from None
+
+
 def _load_optimizer(out: Path, opt: AdamW, step: int):
-    from .checkpoint import load_safetensors
-    tensors, meta = load_safetensors(out / "optim.safetensors", mmap=False)
+    tensors, meta = load_safetensors(current(out, "optim.safetensors"), mmap=False)
     if meta.get("step") != str(step):
         raise NpgptError(f"{out}: optimizer state is from step {meta.get('step')}, state.json from step {step}; "
                          f"the checkpoint is inconsistent")
-    if tensors["m"].shape != opt.m.shape:
+    if tensors.get("m") is None or tensors["m"].shape != opt.m.shape or tensors.get("v") is None \
+            or tensors["v"].shape != opt.v.shape or not str(meta.get("t", "")).isdigit():
         raise NpgptError(f"{out}: optimizer state does not match the model")
     opt.m[:] = tensors["m"]
     opt.v[:] = tensors["v"]
     opt.t = int(meta["t"])
 
 
-def _truncate_metrics(path: Path, step: int):
-    """Drop log lines from steps after the checkpoint we resume from (they will be redone)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line torn by a crash or a full disk is skipped."""
+    recs = []
+    if Path(path).is_file():
+        for ln in Path(path).read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(ln)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                recs.append(rec)
+    return recs
+
+
+def _truncate_metrics(path: Path, step: int, key: str = "step"):
+    """Keep the log lines up to the checkpoint we (re)start from: later ones will be redone. From step
+    0 nothing is kept (the step-0 evaluation runs again)."""
+    keep = [r for r in read_metrics(path) if step > 0 and isinstance(r.get(key), int) and r[key] <= step]
     with atomic_open(path) as f:
-        f.write("".join(ln + "\n" for ln in keep).encode())
+        f.write("".join(json.dumps(r) + "\n" for r in keep).encode())
 
 
 def _plot(out: Path):
@@ -223,7 +276,7 @@ def _plot(out: Path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    recs = read_metrics(out / "metrics.jsonl")
     steps = [r for r in recs if "loss" in r]
     evals = [r for r in recs if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
