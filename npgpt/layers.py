@@ -50,9 +50,16 @@ def embedding_forward(idx, wte, wpe, pos0=0, pad=None):
     return wte[idx] + wpe[pos]
 
 
-def embedding_backward(dout, idx, dwte, dwpe, pos0=0):
-    """dout [B, T, C]: scatter-adds into dwte [V, C] and dwpe [block, C]. Token ids are the input: no dx."""
-    K.embedding_bwd(np.ascontiguousarray(dout), idx.astype(np.int64, copy=False), pos0, dwte, dwpe)
+def embedding_backward(dout, idx, dwte, dwpe, pos0=0, pad=None):
+    """dout [B, T, C]: scatter-adds into dwte [V, C] and dwpe [block, C]. Token ids are the input: no dx.
+    pad [B] must be what the forward was given: with it, row b's positions are shifted as there."""
+    if pad is None or not pad.any():
+        K.embedding_bwd(np.ascontiguousarray(dout), idx.astype(np.int64, copy=False), pos0, dwte, dwpe)
+        return
+    # left padding (no training path uses it: a plain scatter-add is enough): the positions of the forward
+    pos = np.maximum(pos0 + np.arange(idx.shape[1])[None, :] - pad[:, None], 0)
+    np.add.at(dwte, idx, dout)
+    np.add.at(dwpe, pos, dout)
 
 
 # ---------------------------------------------------------------- layernorm

@@ -6,12 +6,42 @@ cached and uncached generation see exactly the same context and give the same to
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
 
 from .errors import NpgptError
 from .model import GPT, KVCache
+from .tokenizer import check_text
+
+
+def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   repetition_penalty: float = 1.0, stop: list[str] | None = None, seed: int | None = None):
+    """Refuse sampling settings that cannot mean anything, with one line each. NaN passes every `<`
+    check (and then made every draw token 0), so finiteness is tested explicitly."""
+    def real(name, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+            raise NpgptError(f"{name} must be a finite number, got {v!r}")
+
+    real("temperature", temperature)
+    if temperature < 0:
+        raise NpgptError(f"temperature must be >= 0, got {temperature}")
+    real("repetition_penalty", repetition_penalty)
+    if repetition_penalty <= 0:
+        raise NpgptError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if top_p is not None:
+        real("top_p", top_p)
+        if not 0 < top_p <= 1:
+            raise NpgptError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise NpgptError(f"top_k must be an integer >= 1, got {top_k!r}")
+    for s in stop or []:
+        if not isinstance(s, str) or not s:  # "" is in every text: it would stop after one token
+            raise NpgptError(f"stop strings must be non-empty strings, got {s!r}")
+        check_text(s)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise NpgptError(f"seed must be an integer >= 0, got {seed!r}")
 
 
 def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None,
@@ -19,31 +49,57 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float
                 repetition_penalty: float = 1.0) -> np.ndarray:
     """logits [B, V] -> next token ids [B]. temperature 0 is greedy (argmax).
 
+    top_k keeps exactly the k most likely tokens (a tie at the k-th value goes to the lower ids);
+    top_p keeps the smallest set of most likely tokens whose mass reaches top_p (1 keeps all).
     repetition_penalty > 1 (as in CTRL and transformers) divides positive and multiplies negative logits
-    of the tokens marked in seen [B, V] (those already in the row's sequence)."""
-    z = logits.astype(np.float64)
+    of the tokens marked in seen [B, V] (those already in the row's sequence). Logits may hold -inf
+    (masked tokens); NaN or +inf logits raise NpgptError."""
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
+    z = np.array(logits, np.float64)  # a copy: edited in place below
+    if z.ndim != 2 or z.shape[1] == 0:
+        raise NpgptError(f"logits must be [B, V] with V >= 1, got shape {z.shape}")
     if repetition_penalty != 1.0 and seen is not None:
-        z = np.where(seen, np.where(z > 0, z / repetition_penalty, z * repetition_penalty), z)
+        # an extreme penalty must not turn a finite logit into +-inf (NaN later): clip at the largest
+        # float; a masked (-inf) logit stays masked
+        big = np.finfo(np.float64).max
+        with np.errstate(over="ignore"):
+            pen = np.clip(np.where(z > 0, z / repetition_penalty, z * repetition_penalty), -big, big)
+        z = np.where(seen & np.isfinite(z), pen, z)
+    top = z.max(axis=-1, keepdims=True)
+    if np.isnan(z).any() or not np.isfinite(top).all():
+        raise NpgptError("logits are NaN or infinite (a row needs a finite logit; are the model's weights finite?)")
     if temperature == 0:
         return z.argmax(axis=-1)
-    z = z / temperature
-    if top_k is not None and 0 < top_k < z.shape[-1]:
-        kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
-        z = np.where(z < kth, -np.inf, z)
-    z -= z.max(axis=-1, keepdims=True)
-    probs = np.exp(z)
-    probs /= probs.sum(axis=-1, keepdims=True)
-    if top_p is not None and 0 < top_p < 1:
-        # keep the smallest set of most likely tokens whose mass reaches top_p
-        order = np.argsort(-probs, axis=-1)
+    # subtract the max before dividing: a tiny temperature then gives -inf, never inf - inf = NaN
+    with np.errstate(over="ignore"):  # overflow gives -inf: probability 0, as intended
+        z = (z - top) / temperature
+    V = z.shape[-1]
+    if top_k is not None and top_k < V:
+        z = np.where(_top_k_mask(z, int(top_k)), z, -np.inf)
+    probs = np.exp(z)  # the max is exp(0) = 1, so every row has mass
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-probs, axis=-1, kind="stable")  # ties: lower ids first
         sorted_p = np.take_along_axis(probs, order, axis=-1)
-        drop_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p >= top_p
+        csum = np.cumsum(sorted_p, axis=-1)
+        drop_sorted = csum - sorted_p >= top_p * csum[:, -1:]
         drop = np.zeros_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
         probs = np.where(drop, 0.0, probs)
-        probs /= probs.sum(axis=-1, keepdims=True)
-    u = rng.random((probs.shape[0], 1))
-    return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1)
+    # inverse CDF on the unnormalised mass: u * total < total, so the index is < V and the token drawn
+    # always has probability > 0 (even for u == 0, or a sum that rounds below u)
+    csum = np.cumsum(probs, axis=-1)
+    u = rng.random((probs.shape[0], 1)) * csum[:, -1:]
+    return (csum <= u).sum(axis=-1)
+
+
+def _top_k_mask(z: np.ndarray, k: int) -> np.ndarray:
+    """[B, V] bool: exactly the k largest of each row of z [B, V]; ties at the k-th value are broken by
+    the lower index (np.partition alone would keep every tied value, so more than k)."""
+    kth = np.partition(z, -k, axis=-1)[:, -k][:, None]
+    keep = z > kth
+    ties = z == kth
+    room = k - keep.sum(axis=-1, keepdims=True)  # >= 1: the k-th value itself is tied
+    return keep | (ties & (np.cumsum(ties, axis=-1) <= room))
 
 
 def _rows(model: GPT, prompt, num_samples: int) -> list[np.ndarray]:
@@ -78,10 +134,12 @@ def generate(model: GPT, prompt, max_new_tokens: int = 100, *, temperature: floa
     A prompt longer than the context is cropped from the left with a warning. A row stops early when it
     emits eos_id or its decoded continuation contains one of the `stop` strings (the returned ids then
     end with the token that completed it; decode and cut at the stop string for text). `on_token(ids [B])`
-    is called with every new column of tokens, for streaming.
+    is called with every new column of tokens, for streaming. Settings are checked (check_sampling) and
+    prompts encoded before any token is made; a str prompt is plain text (see Tokenizer.encode).
     """
-    if temperature < 0:
-        raise NpgptError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(temperature, top_k, top_p, repetition_penalty, stop, seed)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise NpgptError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if stop and model.tokenizer is None:
         raise NpgptError("stop strings need a model with a tokenizer")
     rows = _rows(model, prompt, num_samples)

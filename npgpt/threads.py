@@ -9,8 +9,11 @@ to slow a training step 6x. Set with `set_threads(n)` or the CLI's `--threads N`
 from __future__ import annotations
 
 import ctypes
+import numbers
 import os
 import sys
+
+from .errors import NpgptError
 
 _blas = None
 
@@ -45,7 +48,9 @@ def set_threads(n: int | None = None) -> dict:
     """Use `n` threads for BLAS and the parallel Numba kernels (default: $NPGPT_THREADS, else all
     cores). Returns what is in effect (see `thread_info`)."""
     import numpy  # noqa: F401  (BLAS must be loaded to be found)
-    n = n or int(os.environ.get("NPGPT_THREADS", 0)) or os.cpu_count() or 1
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+        raise NpgptError(f"threads must be an integer >= 1, got {n!r}")
+    n = n or env_threads() or os.cpu_count() or 1
     blas = _openblas()
     if blas:
         blas[1](int(n))
@@ -55,6 +60,17 @@ def set_threads(n: int | None = None) -> dict:
     else:  # not imported (inference need not import it): size the pool it will start with
         os.environ["NUMBA_NUM_THREADS"] = str(n)
     return thread_info()
+
+
+def env_threads() -> int | None:
+    """$NPGPT_THREADS as a positive int (None when unset or empty); anything else is a one-line error,
+    not a ValueError from int()."""
+    raw = os.environ.get("NPGPT_THREADS", "").strip()
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:  # digits only: no sign, "1.5" or "abc"
+        raise NpgptError(f"NPGPT_THREADS must be a positive integer, got {raw!r}")
+    return int(raw)
 
 
 def thread_info() -> dict:

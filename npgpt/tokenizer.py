@@ -23,22 +23,23 @@ class Tokenizer:
     def __init__(self, tk: tokenizers.Tokenizer, kind: str):
         if kind not in KINDS:
             raise NpgptError(f"unknown tokenizer kind {kind!r}")
-        self.tk = tk
+        self.tk = _plain_text_only(tk)
         self.kind = kind
-        self.eot_id = tk.token_to_id(EOT)
+        self.eot_id = self.tk.token_to_id(EOT)
 
     @property
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """str -> list of ids. Characters a char-level vocabulary lacks raise NpgptError."""
+        """str -> list of ids, always as plain text: a special token's string in the text ("<|endoftext|>",
+        "<|end|>", ...) becomes ordinary tokens, never the control id (as tiktoken's encode_ordinary), so
+        data can never forge a template. Control ids are inserted by the templates (chat.encode_chat,
+        finetune.encode_example). Characters a char-level vocabulary lacks, and text that is not valid
+        Unicode (lone surrogates, e.g. from undecodable bytes in argv), raise NpgptError."""
+        check_text(text)
         if self.kind == "char":
-            vocab = self.tk.get_vocab()
-            plain = text
-            for special in self.tk.get_added_tokens_decoder().values():  # e.g. fine-tuning's <|extract|>
-                plain = plain.replace(special.content, "")
-            missing = sorted(set(plain) - vocab.keys())
+            missing = sorted(set(text) - self.tk.get_vocab().keys())
             if missing:
                 shown = ", ".join(repr(c) for c in missing[:5])
                 raise NpgptError(f"text has characters the model's vocabulary lacks: {shown}")
@@ -47,7 +48,9 @@ class Tokenizer:
     def encode_corpus(self, text: str, chunk_chars: int = 1 << 20) -> list[int]:
         """Encode a large text in parallel chunks. Chunks are cut after a newline that has a non-space
         character on both sides: the GPT-2 pre-tokenizer makes that newline a piece of its own, so the ids
-        equal encode(text). (A newline after another one would not do: "\n\n" is a single token.)"""
+        equal encode(text). (A newline after another one would not do: "\n\n" is a single token.)
+        Like encode, special-token strings in the corpus are plain text."""
+        check_text(text)
         pieces, start = [], 0
         cut = re.compile(r"(?<=\S)\n(?=\S)")
         while start < len(text):
@@ -132,6 +135,36 @@ class Tokenizer:
         if EOT in json.loads(vocab.read_text()):
             tk.add_special_tokens([EOT])
         return cls(tk, "gpt2")
+
+
+def check_text(text) -> None:
+    """Refuse what is not a valid Unicode str: the tokenizers library raises a TypeError on other types,
+    and a lone surrogate (how Python hands over undecodable bytes of argv or a surrogateescape stream)
+    has no UTF-8 form."""
+    if not isinstance(text, str):
+        raise NpgptError(f"text must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = f"undecodable byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"lone surrogate U+{c:04X}"
+        raise NpgptError(f"text is not valid UTF-8: {what} at character {e.start}") from None
+
+
+def _plain_text_only(tk: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """`tk` set to encode every added token's string as plain text.
+
+    The library matches added tokens in the input before the model sees it. encode_special_tokens=True
+    turns that off for *special* added tokens (it is a runtime flag, not saved in tokenizer.json); a
+    non-special added token (possible in a tokenizer.json from elsewhere) would still match, so any such
+    token is made special first. Decoding is unaffected: decode keeps special tokens."""
+    if any(not t.special for t in tk.get_added_tokens_decoder().values()):
+        d = json.loads(tk.to_str())
+        for t in d["added_tokens"]:
+            t["special"] = True
+        tk = tokenizers.Tokenizer.from_str(json.dumps(d))
+    tk.encode_special_tokens = True
+    return tk
 
 
 def make_tokenizer(spec: str, texts) -> Tokenizer:

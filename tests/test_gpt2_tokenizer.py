@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from npgpt.tokenizer import Tokenizer
+from npgpt.tokenizer import EOT, Tokenizer
 
 HERE = Path(__file__).resolve().parent
 FIXTURE = HERE / "fixtures" / "gpt2_tokenizer.json"
@@ -93,16 +93,30 @@ def test_fixture_corpus_is_varied():
     assert any("<|endoftext|>" in t and t != "<|endoftext|>" for t in texts)
 
 
+def with_special(tok, text: str) -> list[int]:
+    """The ids of `text` with every "<|endoftext|>" taken as the control token and the pieces between
+    encoded as plain text: what tiktoken's encode(allowed_special="all") does, which the fixture holds."""
+    ids = []
+    for i, piece in enumerate(text.split(EOT)):
+        ids += ([50256] if i else []) + tok.encode(piece)
+    return ids
+
+
 @pytest.mark.parametrize("row", ROWS, ids=[f"{i}:{r['text'][:20]!r}" for i, r in enumerate(ROWS)])
 def test_fixture_ids_and_roundtrip(tok, row):
     text = row["text"]
-    assert tok.encode(text) == row["ids"]
+    assert with_special(tok, text) == row["ids"]
+    if EOT not in text:
+        assert tok.encode(text) == row["ids"]
     assert tok.decode(row["ids"]) == text
+    assert tok.decode(tok.encode(text)) == text
 
 
-def test_endoftext_is_one_special_id(tok):
-    assert tok.encode("<|endoftext|>") == [50256] and tok.eot_id == 50256
-    assert tok.encode("a<|endoftext|>b").count(50256) == 1
+def test_endoftext_text_is_never_the_special_id(tok):
+    # A12: user text must not turn into control tokens; only templates insert eot_id (50256)
+    assert tok.eot_id == 50256
+    assert tok.encode("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]
+    assert 50256 not in tok.encode("a<|endoftext|>b") + tok.encode_corpus("x\n<|endoftext|>\ny", chunk_chars=1)
 
 
 # ------------------------------------------------------------------ (b) live comparison with tiktoken
@@ -117,9 +131,15 @@ def _tiktoken_encoding():
 def test_ids_equal_tiktoken(tok):
     enc = _tiktoken_encoding()
     texts = [r["text"] for r in ROWS] + mixed_strings(1234, 400) + wild_strings(99, 200)
+    texts += [t + EOT + t for t in texts[-50:]]
     mismatches = []
     for s in texts:
-        ours, ref = tok.encode(s), enc.encode(s, allowed_special="all")
+        # plain text as tiktoken with special tokens disallowed-as-text (GPT-2's reference for data),
+        # and the fixture's mode (allowed_special="all") via the template-side split
+        ours, ref = tok.encode(s), enc.encode(s, disallowed_special=())
+        if ours != ref or ref != enc.encode_ordinary(s):
+            mismatches.append((s, ours, ref))
+        ours, ref = with_special(tok, s), enc.encode(s, allowed_special="all")
         if ours != ref:
             mismatches.append((s, ours, ref))
     assert not mismatches, "\n".join(f"{s!r}:\n  npgpt    {a}\n  tiktoken {b}" for s, a, b in mismatches[:10])

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from npgpt.config import GPTConfig
-from npgpt.model import GPT
+from npgpt.errors import NpgptError
+from npgpt.model import GPT, KVCache
 from npgpt.sampling import TextStream, cut_at_stop, generate, sample_next
 from npgpt.tokenizer import Tokenizer
 
@@ -91,3 +92,91 @@ def test_eos_stops_a_row(model):
     eos = int(first[4])
     out = generate(model, [[1, 2], [3]], 10, temperature=0, eos_id=eos)
     assert out[0].tolist() == first[:5].tolist()
+
+
+# ---------------------------------------------------------------- bad settings (A7, C)
+BAD_SETTINGS = [
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(top_p=float("nan")), "top_p"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_p=-0.1), "top_p"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=2.5), "top_k"),
+]
+
+
+@pytest.mark.parametrize("kw,match", BAD_SETTINGS)
+def test_non_finite_and_out_of_range_settings_are_refused(model, kw, match):
+    with pytest.raises(NpgptError, match=match):
+        sample_next(np.zeros((1, 4)), np.random.default_rng(0), **{"temperature": 1.0, **kw})
+    calls = []
+    with pytest.raises(NpgptError, match=match):
+        generate(model, [1, 2], 3, on_token=calls.append, **kw)
+    assert calls == []  # refused before any token is made
+
+
+@pytest.mark.parametrize("kw,match", [(dict(stop=[""]), "stop"), (dict(stop=["a", ""]), "stop"),
+                                      (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"),
+                                      (dict(max_new_tokens=-1), "max_new_tokens")])
+def test_empty_stop_and_negative_seed_are_refused(model, kw, match):
+    with pytest.raises(NpgptError, match=match):
+        generate(model, "ab", **{"max_new_tokens": 5, **kw})
+
+
+def test_top_p_one_keeps_everything_and_draws_follow_the_distribution():
+    logits = np.log(np.array([[0.7, 0.2, 0.1]]))
+    rng = np.random.default_rng(1)
+    draws = np.array([int(sample_next(logits, rng, 1.0, top_p=1.0)[0]) for _ in range(2000)])
+    assert set(draws.tolist()) == {0, 1, 2}
+    np.testing.assert_allclose(np.bincount(draws, minlength=3) / 2000, [0.7, 0.2, 0.1], atol=0.04)
+
+
+def test_top_k_keeps_exactly_k_when_values_tie():
+    # five tokens tie at the top: top_k=2 must keep two of them (the lower ids), not all five
+    logits = np.array([[0.0, 1.0, 1.0, 1.0, 1.0, 1.0, -1.0]])
+    rng = np.random.default_rng(0)
+    draws = {int(sample_next(logits, rng, 1.0, top_k=2)[0]) for _ in range(400)}
+    assert draws == {1, 2}
+    rows = np.array([[3.0, 3.0, 3.0], [1.0, 2.0, 2.0]])
+    assert {tuple(sample_next(rows, rng, 1.0, top_k=1).tolist()) for _ in range(50)} == {(0, 1)}
+
+
+def test_extreme_finite_settings_still_sample_valid_tokens():
+    rng = np.random.default_rng(0)
+    logits = np.array([[1.0, 3.0, -2.0, 2.5], [0.0, 5e10, -5e10, 0.0]])
+    seen = np.ones_like(logits, bool)
+    # a tiny temperature is greedy (was inf - inf = NaN -> token 0); a huge one is near-uniform
+    assert sample_next(logits[:1], rng, 1e-320).tolist() == [1]
+    assert {int(sample_next(logits[:1], rng, 1e300)[0]) for _ in range(200)} == {0, 1, 2, 3}
+    # a huge penalty must not overflow the negative logits to -inf or NaN
+    for pen in (1e-300, 1e300):  # 5e10 / 1e-300 and -5e10 * 1e300 overflow float64
+        out = sample_next(logits, rng, 1.0, seen=seen, repetition_penalty=pen)
+        assert out.shape == (2,) and np.all((0 <= out) & (out < 4))
+    # masked tokens (-inf) are never drawn
+    masked = np.array([[-np.inf, 0.0, -np.inf]])
+    assert {int(sample_next(masked, rng, 1.0)[0]) for _ in range(50)} == {1}
+
+
+def test_nan_logits_are_an_error_not_token_zero():
+    with pytest.raises(NpgptError, match="NaN or infinite"):
+        sample_next(np.array([[np.nan, 1.0]]), np.random.default_rng(0), 1.0)
+    with pytest.raises(NpgptError, match="NaN or infinite"):
+        sample_next(np.array([[-np.inf, -np.inf]]), np.random.default_rng(0), 1.0)
+
+
+def test_kv_cache_follows_a_float64_model():
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=12, vocab_size=19)
+    m = GPT(cfg, seed=2, dtype=np.float64)
+    idx = np.random.default_rng(3).integers(0, 19, (2, 12))
+    cache = KVCache(cfg, 2)
+    parts = [m.forward(idx[:, :5], kv=cache)] + [m.forward(idx[:, t:t + 1], kv=cache) for t in range(5, 12)]
+    assert cache.k.dtype == np.float64 and parts[-1].dtype == np.float64
+    # float64 end to end: equal to the uncached forward far below float32 resolution (was ~1e-7)
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), m.forward(idx), rtol=1e-12, atol=1e-12)
+    assert KVCache(cfg, 1, dtype=np.float32).k.dtype == np.float32

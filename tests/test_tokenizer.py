@@ -47,8 +47,9 @@ def test_gpt2_known_ids():
     assert tok.vocab_size == 50257
     assert tok.encode("Hello world") == [15496, 995]
     assert tok.encode("The dog") == [464, 3290]
-    assert tok.encode("<|endoftext|>") == [50256]
-    assert tok.eot_id == 50256
+    # the special token's text is plain text (tiktoken's encode_ordinary); only templates insert 50256
+    assert tok.encode("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]
+    assert tok.eot_id == 50256 and tok.decode([50256]) == "<|endoftext|>"
     s = "It's 3.14 — emoji 😀, CJK 日本語,   spaces\n\n"
     assert tok.decode(tok.encode(s)) == s
 
