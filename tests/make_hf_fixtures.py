@@ -1,6 +1,7 @@
 """Regenerate tests/fixtures/hf/: small GPT-2 checkpoints made by transformers, with its outputs.
 
     python tests/make_hf_fixtures.py      (needs torch + transformers; `pip install -e .[ref]`)
+    python tests/make_hf_fixtures.py --perplexity-only     (only the perplexity references)
 
 For each shape: transformers builds a GPT2LMHeadModel (fixed seed), its weights are spread to a larger
 scale than the 0.02 init (so logits differ by whole units and a wrong layer cannot hide), it is saved
@@ -73,27 +74,50 @@ def reference_outputs(model, cfg: dict, prompts) -> dict[str, np.ndarray]:
 
 
 PPL_TEXT = slice(5000, 8000)  # characters of the shipped corpus scored for perplexity
-PPL_STRIDE = 24
+PPL_STRIDES = (24, 64)        # a stride shorter than the context (64) and the default, equal to it
 
 
-def hf_perplexity(model, ids: np.ndarray, stride: int) -> float:
-    """Sliding-window perplexity with transformers: labels of tokens already scored are -100."""
+def window_start(j: int, block: int, stride: int) -> int:
+    """Where the context of target j >= 1 begins: windows of block + 1 tokens start every `stride`
+    tokens and a target is scored by the first window that predicts it."""
+    return 0 if j <= block else -(-(j - block) // stride) * stride
+
+
+def reference_perplexity(model, ids: np.ndarray, stride: int) -> tuple[float, int]:
+    """(perplexity, tokens scored) by brute force with transformers, independent of npgpt's window loop:
+    one forward per target token j = 1 .. len(ids) - 1, on ids[window_start(j):j], reading only the
+    last position's logits. Every token but the first is scored exactly once by construction."""
     import torch
     block = model.config.n_positions
-    total, count, prev_end, begin = 0.0, 0, 0, 0
+    total = 0.0
     with torch.no_grad():
-        while True:
-            end = min(begin + block, len(ids))
-            x = torch.from_numpy(ids[begin:end][None])
-            labels = x.clone()
-            labels[0, :max(prev_end - begin, 0)] = -100
-            n = int((labels[0, 1:] != -100).sum())  # transformers shifts labels by one inside the model
-            total += float(model(x, labels=labels).loss) * n
-            count += n
-            if end == len(ids):
-                break
-            prev_end, begin = end, begin + stride
-    return float(np.exp(total / count))
+        for j in range(1, len(ids)):
+            x = torch.from_numpy(np.ascontiguousarray(ids[window_start(j, block, stride):j])[None])
+            logp = torch.log_softmax(model(x).logits[0, -1].double(), -1)
+            total -= float(logp[int(ids[j])])
+    return float(np.exp(total / (len(ids) - 1))), len(ids) - 1
+
+
+def perplexity_fixtures(d: Path, model) -> dict[str, np.ndarray]:
+    """Reference perplexity of the PPL_TEXT slice (GPT-2 tokenizer files in d) at each of PPL_STRIDES."""
+    from npgpt.tokenizer import Tokenizer
+    text = (HERE.parent / "corpora" / "tinyshakespeare.txt").read_text()[PPL_TEXT]
+    ids = np.array(Tokenizer.gpt2(d).encode(text), np.int64)
+    return {f"ppl{s}": np.array([reference_perplexity(model, ids, s)[0]], np.float64) for s in PPL_STRIDES}
+
+
+def update_perplexity_fixture(name: str = "l2h4c32"):
+    """Recompute only the perplexity entries of one fixture's expected.safetensors (its model and
+    tokenizer files, and every other entry, stay as they are)."""
+    import torch
+    from safetensors.numpy import load_file, save_file
+    from transformers import GPT2LMHeadModel
+    torch.set_num_threads(1)
+    d = OUT / name
+    model = GPT2LMHeadModel.from_pretrained(d).eval().float()
+    ref = {k: v for k, v in load_file(str(d / "expected.safetensors")).items() if not k.startswith("ppl")}
+    ref.update(perplexity_fixtures(d, model))
+    save_file(ref, str(d / "expected.safetensors"))
 
 
 def train_tokenizer(d: Path, vocab_size: int):
@@ -122,14 +146,15 @@ def main():
         model = model.float()  # reference numbers in float32, from the (possibly bf16-rounded) weights
         ref = reference_outputs(model, kwargs, prompts_for(kwargs, seed=k))
         if opts.get("tokenizer"):
-            tok = train_tokenizer(d, kwargs["vocab_size"])
-            text = (HERE.parent / "corpora" / "tinyshakespeare.txt").read_text()[PPL_TEXT]
-            ids = np.array(tok.encode(text), np.int64)
-            ref["ppl"] = np.array([hf_perplexity(model, ids, PPL_STRIDE)], np.float64)
+            train_tokenizer(d, kwargs["vocab_size"])
+            ref.update(perplexity_fixtures(d, model))
         save_file(ref, str(d / "expected.safetensors"))
         size = sum(f.stat().st_size for f in d.iterdir())
         print(f"{name}: {size / 1024:.0f} KiB", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--perplexity-only"]:
+        update_perplexity_fixture()
+    else:
+        main()

@@ -1,6 +1,7 @@
 """Hugging Face GPT-2 checkpoints: convert-weights, parity with transformers, export round trip, and
 refusal of bad checkpoints. Fixtures come from tests/make_hf_fixtures.py; live tests need transformers."""
 import json
+import math
 import os
 import shutil
 import struct
@@ -208,23 +209,28 @@ def test_golden_real_gpt2(tmp_path):
 
 
 # ---------------------------------------------------------------- perplexity
-def test_perplexity_matches_transformers_fixture(tmp_path):
-    from make_hf_fixtures import PPL_STRIDE, PPL_TEXT
+@pytest.mark.parametrize("stride", [24, 64])  # 64 == the context: the windows tile the text
+def test_perplexity_matches_transformers_fixture(stride, tmp_path):
+    from make_hf_fixtures import PPL_TEXT
     from npgpt.evaluate import perplexity
     model = npgpt.load(convert_hf(FIX / "l2h4c32", tmp_path / "np"))
     text = (Path(__file__).resolve().parent.parent / "corpora" / "tinyshakespeare.txt").read_text()[PPL_TEXT]
-    r = perplexity(model, text, stride=PPL_STRIDE)
-    want = float(expected("l2h4c32")["ppl"][0])
+    r = perplexity(model, text, stride=stride)
+    want = float(expected("l2h4c32")[f"ppl{stride}"][0])  # brute force, one transformers forward per token
     assert abs(r["perplexity"] - want) / want < 1e-4
-    assert r["tokens"] == len(model.tokenizer.encode(text)) - 1  # every token but the first, once
-    assert r["bits_per_byte"] > 0
+    ids = model.tokenizer.encode(text)
+    assert r["tokens"] == len(ids) - 1  # every token but the first, once
+    # bits/byte divides the NLL of the scored tokens by their bytes: the text without its first token
+    first = model.tokenizer.decode(ids[:1])
+    assert text.startswith(first) and r["bytes"] == len(text.encode()) - len(first.encode())
+    assert r["bits_per_byte"] == pytest.approx(r["nll"] * r["tokens"] / math.log(2) / r["bytes"])
 
 
-@pytest.mark.parametrize("stride", [1, 17, 64])
+@pytest.mark.parametrize("stride", [1, 17, 63, 64])
 def test_perplexity_live_against_transformers(stride, tmp_path):
     pytest.importorskip("transformers")
     import torch
-    from make_hf_fixtures import SHAPES as FIXTURE_SHAPES, build, hf_perplexity
+    from make_hf_fixtures import SHAPES as FIXTURE_SHAPES, build, reference_perplexity
     from npgpt.evaluate import perplexity
     torch.set_num_threads(1)
     kwargs = FIXTURE_SHAPES["l2h4c32"][0]
@@ -232,9 +238,34 @@ def test_perplexity_live_against_transformers(stride, tmp_path):
     model.save_pretrained(tmp_path / "hf", safe_serialization=True)
     ours = npgpt.load(convert_hf(tmp_path / "hf", tmp_path / "np"))
     ids = np.random.default_rng(stride).integers(0, kwargs["vocab_size"], 150)
-    want = hf_perplexity(model, ids, stride)
-    got = perplexity(ours, ids=ids, stride=stride)["perplexity"]
-    assert abs(got - want) / want < 1e-4
+    want, n = reference_perplexity(model, ids, stride)
+    got = perplexity(ours, ids=ids, stride=stride)
+    assert abs(got["perplexity"] - want) / want < 1e-4
+    assert got["tokens"] == n == len(ids) - 1
+
+
+def test_perplexity_scores_each_token_once_with_its_window_context():
+    """Without transformers: a model whose logits at a position encode how much context it saw shows
+    which window scored each target (an independent check of the window bookkeeping)."""
+    from npgpt.evaluate import perplexity
+    from make_hf_fixtures import window_start
+    block, n = 8, 40
+
+    class Probe:  # logits favour token (context length) so the NLL pins down the context used
+        config = type("C", (), {"block_size": block})()
+
+        def forward(self, x):
+            T = x.shape[1]
+            logits = np.zeros((1, T, 64), np.float32)
+            logits[0, np.arange(T), np.arange(1, T + 1)] = 50.0  # position t has seen t + 1 tokens
+            return logits
+
+    for stride in (1, 3, 8):
+        ids = np.array([j - window_start(j, block, stride) for j in range(n)])  # the context j should see
+        ids[0] = 0
+        r = perplexity(Probe(), ids=ids, stride=stride)
+        assert r["tokens"] == n - 1
+        assert r["nll"] < 1e-6, stride  # every target was scored with exactly the context it should have
 
 
 def test_cli_eval_perplexity_json(tmp_path):
