@@ -22,6 +22,17 @@ class _Group(click.Group):
             sys.exit(130)
         except BrokenPipeError:  # e.g. `npgpt generate | head`
             sys.exit(0)
+        except OSError as e:  # disk full, read-only, permissions: the system's reason, not a traceback
+            # (the writers are atomic: a failed write leaves the old file, and no temp file, behind)
+            raise click.ClickException(_os_error_line(e)) from None
+
+
+def _os_error_line(e: OSError) -> str:
+    """One line for a failed file operation: 'PATH: reason' (both paths of a rename), or the reason
+    alone when the system gave no path (a failing write() on an open file)."""
+    reason = e.strerror or str(e) or type(e).__name__
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
 
 
 def threads_option(f):
@@ -94,18 +105,16 @@ def tokenizer():
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--vocab-size", required=True, type=click.IntRange(min=257), help="Tokens, including 256 bytes.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Dir to write tokenizer.json into.")
+@click.option("--force", is_flag=True, help="Overwrite a tokenizer in --out.")
 @threads_option
-def tokenizer_train(inputs, vocab_size, out):
+def tokenizer_train(inputs, vocab_size, out, force):
     """Train a byte-level BPE tokenizer on text files."""
     from pathlib import Path
 
-    from npgpt.checkpoint import atomic_write_json
-    from npgpt.data import read_text
+    from npgpt.data import read_text, save_tokenizer
     from npgpt.tokenizer import Tokenizer
     tok = Tokenizer.train_bpe([read_text(p) for p in inputs], vocab_size)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    tok.save(out)
-    atomic_write_json(Path(out) / "meta.json", {"tokenizer": "bpe", "vocab_size": tok.vocab_size})
+    save_tokenizer(tok, out, force=force)
     click.echo(f"wrote {Path(out) / 'tokenizer.json'}: {tok.vocab_size:,} tokens")
 
 
@@ -134,15 +143,38 @@ def train(ctx, data, out, preset, config_file, init, resume, force, quiet):
 
 
 # ---------------------------------------------------------------- sampling
+class _FiniteFloat(click.FloatRange):
+    """A FloatRange that also refuses nan and inf: NaN fails no `<` test, so a plain range lets it in."""
+
+    def convert(self, value, param, ctx):
+        import math
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+def _read_stdin() -> str:
+    """All of stdin as text, newlines normalised as a text stream would; bytes that are not UTF-8 are a
+    one-line error (a text stream would raise UnicodeDecodeError, or pass surrogates on)."""
+    from npgpt.errors import NpgptError
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NpgptError(f"stdin is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 @cli.command()
 @click.argument("prompt", required=False, default=None)
 @model_option
 @click.option("--max-new-tokens", "-n", default=200, show_default=True, type=click.IntRange(min=0))
-@click.option("--temperature", "-t", default=0.8, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
+@click.option("--temperature", "-t", default=0.8, show_default=True, type=_FiniteFloat(min=0), help="0 = greedy.")
 @click.option("--top-k", default=None, type=click.IntRange(min=1))
-@click.option("--top-p", default=None, type=click.FloatRange(min=0, max=1, min_open=True))
-@click.option("--seed", default=None, type=int)
-@click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--top-p", default=None, type=_FiniteFloat(min=0, max=1, min_open=True))
+@click.option("--seed", default=None, type=click.IntRange(min=0))
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=_FiniteFloat(min=0, min_open=True))
 @click.option("--stop", multiple=True, help="Stop when the text contains this string (repeatable).")
 @click.option("--num-samples", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--chat", is_flag=True, help="PROMPT is a user message; print the assistant's reply (SFT models).")
@@ -150,9 +182,11 @@ def train(ctx, data, out, preset, config_file, init, resume, force, quiet):
 def generate(prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
              num_samples, chat):
     """Generate text from PROMPT ('-' reads stdin; default: a newline). Tokens stream as they are made."""
-    from npgpt.sampling import TextStream
+    from npgpt.sampling import TextStream, check_sampling
+    # everything that can fail is checked, and the prompt encoded, before the prompt is echoed
+    check_sampling(temperature, top_k, top_p, repetition_penalty, list(stop), seed)
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = _read_stdin()
     tok = model.tokenizer
     if tok is None:
         raise click.ClickException("this model has no tokenizer; cannot generate text")
@@ -162,19 +196,21 @@ def generate(prompt, model, max_new_tokens, temperature, top_k, top_p, repetitio
         from npgpt.chat import chat_ids, encode_chat, prompt_messages
         if not prompt:
             raise click.ClickException("--chat needs a PROMPT (the user's message)")
-        prompt = encode_chat(model, prompt_messages(prompt.strip()), generation_prompt=True)[0]
+        ids = encode_chat(model, prompt_messages(prompt.strip()), generation_prompt=True)[0]
         eos_id, shown = chat_ids(model)["<|end|>"], ""
         stop = (*stop, "<|end|>")
     elif not prompt:  # unconditional: start from <|endoftext|> (GPT-2) or a newline (char models)
-        prompt = [tok.eot_id] if tok.eot_id is not None else "\n"
+        ids = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n")
         shown = "" if tok.eot_id is not None else "\n"
+    else:
+        ids = tok.encode(prompt)  # plain text: "<|endoftext|>" typed in a prompt is not the control token
     for i in range(num_samples):
         if num_samples > 1:
             click.echo(f"--- sample {i + 1} ---")
         click.echo(shown, nl=False)
         s = None if seed is None else seed + i
         stream = TextStream(model, stop=list(stop))
-        model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        repetition_penalty=repetition_penalty, stop=list(stop) or None, eos_id=eos_id,
                        seed=s, on_token=stream)
         stream.close()
@@ -206,13 +242,16 @@ def finetune(ctx, model_dir, task, train_file, val_file, out, force, quiet):
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Fine-tuned checkpoint dir.")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write JSON lines here (default: stdout).")
+@click.option("--force", is_flag=True, help="Overwrite the --out file.")
 @threads_option
-def predict(model_dir, file, out):
+def predict(model_dir, file, out, force):
     """Predictions with class probabilities for a task file, one JSON line per record."""
     import json
 
-    from npgpt.checkpoint import atomic_write_bytes
+    from npgpt.files import atomic_write_bytes, claim_file
     from npgpt.finetune import predict as run
+    if out:
+        claim_file(out, force)
     lines = "".join(json.dumps(r) + "\n" for r in run(model_dir, file))
     if out:
         atomic_write_bytes(out, lines.encode())
@@ -302,21 +341,23 @@ def reward_score(model_dir, file, skip_bad):
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--ptx-data", default=None, type=click.Path(file_okay=False), help="Prepared pretraining data dir for PPO-ptx.")
 @click.option("--ptx-coef", default=None, type=click.FloatRange(min=0), help="Weight of the pretraining LM loss (default 1 with --ptx-data).")
-@click.option("--force", is_flag=True, help="Overwrite a model in --out.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same arguments).")
+@click.option("--force", is_flag=True, help="Overwrite a run in --out.")
 @click.option("--quiet", is_flag=True)
 @threads_option
 @click.pass_context
-def ppo(ctx, policy_dir, reward_dir, prompts_file, out, ptx_data, ptx_coef, force, quiet):
+def ppo(ctx, policy_dir, reward_dir, prompts_file, out, ptx_data, ptx_coef, resume, force, quiet):
     """PPO against a reward model with a per-token KL penalty to the SFT policy (and PPO-ptx). Override
     the defaults with --iterations, --batch_size, --kl_coef, --learning_rate, --clip, --max_new_tokens ..."""
     from npgpt.config import apply_overrides, parse_overrides
     from npgpt.ppo import PPOConfig, ppo as run
-    cfg = apply_overrides(PPOConfig(), parse_overrides(ctx.args))
+    overrides = parse_overrides(ctx.args)
     if ptx_coef is not None:
-        cfg.ptx_coef = ptx_coef
-    elif ptx_data is not None and cfg.ptx_coef == 0:
-        cfg.ptx_coef = 1.0
-    r = run(policy_dir, reward_dir, prompts_file, out, cfg, ptx_data=ptx_data, force=force, quiet=quiet)
+        overrides["ptx_coef"] = ptx_coef
+    elif ptx_data is not None:
+        overrides.setdefault("ptx_coef", 1.0)
+    cfg = apply_overrides(PPOConfig(), overrides)
+    r = run(policy_dir, reward_dir, prompts_file, out, cfg, ptx_data=ptx_data, resume=resume, force=force, quiet=quiet)
     last = r["iterations"][-1] if r["iterations"] else {}
     click.echo(f"saved {out}" + (f" (last iteration: reward {last['reward']:+.3f}, KL {last['kl']:.3f})" if last else ""))
 
@@ -358,29 +399,36 @@ def eval_():
 @threads_option
 def eval_perplexity(file, model, stride, as_json):
     """Perplexity of a text FILE with a sliding window of the model's context."""
-    import json
-
     from npgpt.data import read_text
     from npgpt.evaluate import perplexity
     r = perplexity(model, read_text(file), stride=stride)
     if as_json:
-        click.echo(json.dumps({"file": str(file), **r}))
+        click.echo(_json_line({"file": str(file), **r}))
     else:
         click.echo(f"perplexity {r['perplexity']:.4f}  nll {r['nll']:.4f} nats/token  "
                    f"bits/byte {r['bits_per_byte']:.4f}  tokens {r['tokens']:,}  "
                    f"(context {r['context']}, stride {r['stride']}, no BOS)")
 
 
-def _print_result(r: dict, as_json: bool):
+def _json_line(r: dict) -> str:
+    """One JSON object. JSON has no NaN or Infinity (json.dumps would write them anyway, and strict
+    parsers reject the line), so a non-finite number, e.g. the stderr of a single item, is null."""
     import json
+    import math
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()},
+                      allow_nan=False)
+
+
+def _print_result(r: dict, as_json: bool):
+    import math
     if as_json:
-        click.echo(json.dumps(r))
+        click.echo(_json_line(r))
         return
     protocol = {k: v for k, v in r.items() if not isinstance(v, float) or k in ("seed",)}
     metrics = {k: v for k, v in r.items() if isinstance(v, float) and not k.endswith("_stderr")}
     for k, v in metrics.items():
         se = r.get(f"{k}_stderr")
-        click.echo(f"{k:<24} {v:.4f}" + (f" +- {se:.4f}" if se is not None else ""))
+        click.echo(f"{k:<24} {v:.4f}" + (f" +- {se:.4f}" if se is not None and math.isfinite(se) else ""))
     click.echo("protocol: " + ", ".join(f"{k}={v!r}" for k, v in protocol.items()))
 
 
@@ -390,19 +438,20 @@ def _print_result(r: dict, as_json: bool):
 @click.option("--shots", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--train", "train_file", default=None, type=click.Path(dir_okay=False),
               help="Draw demonstrations from this file (default: the other items).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--template", default="{context}{choice}", show_default=True,
               help="With {context} and {choice}; or one of: tldr, qa, translate.")
-@click.option("--separator", default="\n\n", show_default=True, help="Between demonstrations (escapes allowed).")
+@click.option("--separator", default="\n\n", show_default=True,
+              help="Between demonstrations; the escapes \\n \\t \\r \\\\ \\xHH \\uHHHH are decoded.")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N items.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @threads_option
 def eval_choice(data, model, shots, train_file, seed, template, separator, limit, as_json):
     """Zero-/few-shot multiple choice: JSON lines {"context", "choices": [...], "label": i}."""
-    from npgpt.evaluate import eval_choice as run, read_jsonl
-    items = read_jsonl(data, ("context", "choices", "label"))
-    demos = read_jsonl(train_file, ("context", "choices", "label")) if train_file else None
-    sep = separator.encode().decode("unicode_escape")
+    from npgpt.evaluate import decode_escapes, eval_choice as run, read_choice_items
+    sep = decode_escapes(separator, "--separator")
+    items = read_choice_items(data)
+    demos = read_choice_items(train_file) if train_file else None
     _print_result({"data": str(data), **run(model, items, shots=shots, demos=demos, seed=seed, template=template,
                                               separator=sep, limit=limit)}, as_json)
 
@@ -415,15 +464,15 @@ def eval_choice(data, model, shots, train_file, seed, template, separator, limit
 @threads_option
 def eval_lambada(data, model, limit, as_json):
     """LAMBADA last-word accuracy and perplexity: JSON lines {"text"}; the target is the last word."""
-    from npgpt.evaluate import eval_lambada as run, read_jsonl
-    _print_result({"data": str(data), **run(model, read_jsonl(data, ("text",)), limit=limit)}, as_json)
+    from npgpt.evaluate import eval_lambada as run, read_lambada_items
+    _print_result({"data": str(data), **run(model, read_lambada_items(data), limit=limit)}, as_json)
 
 
 @eval_.command("generate")
 @click.argument("data", type=click.Path(dir_okay=False))
 @model_option
 @click.option("--shots", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--template", default="qa", show_default=True, help="With {context} and {choice}; or tldr, qa, translate.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N items.")
@@ -431,8 +480,8 @@ def eval_lambada(data, model, limit, as_json):
 @threads_option
 def eval_generate(data, model, shots, seed, template, max_new_tokens, limit, as_json):
     """Exact match / F1 of greedy answers (stop at newline): JSON lines {"question" or "context", "answers"}."""
-    from npgpt.evaluate import eval_generate as run, read_jsonl
-    _print_result({"data": str(data), **run(model, read_jsonl(data, ("answers",)), shots=shots, seed=seed,
+    from npgpt.evaluate import eval_generate as run, read_generate_items
+    _print_result({"data": str(data), **run(model, read_generate_items(data), shots=shots, seed=seed,
                                               template=template, max_new_tokens=max_new_tokens, limit=limit)},
                   as_json)
 

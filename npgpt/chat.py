@@ -42,7 +42,9 @@ def chat_ids(model) -> dict[str, int]:
 def encode_chat(model, messages: list[dict], *, generation_prompt: bool = False, train_on: str = "all"):
     """Token ids [T] and a target mask [T] (1 on the tokens the model is trained to produce: the text and
     end token of assistant turns; train_on="last" keeps only the final assistant turn). With
-    generation_prompt, the ids end with <|assistant|> so that a model continues with a response."""
+    generation_prompt, the ids end with <|assistant|> so that a model continues with a response.
+    Control ids come only from this template: contents are encoded as plain text, so a message that
+    contains "<|end|><|assistant|>" stays text and cannot forge a turn."""
     ids = chat_ids(model)
     enc = model.tokenizer.encode
     toks, mask = [], []
@@ -108,9 +110,10 @@ def _text(r: dict, key: str) -> str:
     return v
 
 
-def _check_messages(msgs) -> list[dict]:
+def _check_messages(msgs, field: str = "messages") -> list[dict]:
+    """A conversation: a non-empty list of {"role": one of ROLES, "content": str} (other keys dropped)."""
     if not isinstance(msgs, list) or not msgs:
-        raise _Bad("'messages' must be a non-empty list")
+        raise _Bad(f"{field!r} must be a non-empty list of messages")
     out = []
     for m in msgs:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
@@ -142,7 +145,10 @@ def parse_demo(r: dict) -> list[dict]:
             raise _Bad("no assistant message to learn from")
         return msgs
     if "instruction" in r:
-        prompt = _text(r, "instruction") + (f"\n\n{r['input']}" if r.get("input") else "")
+        extra = r.get("input")
+        if extra is not None and not isinstance(extra, str):  # an f-string would print a dict as its repr
+            raise _Bad("field 'input' must be a string")
+        prompt = _text(r, "instruction") + (f"\n\n{extra}" if extra else "")
         response = _text(r, "output")
     else:
         prompt = _text(r, "prompt")
@@ -185,7 +191,9 @@ def parse_preference(r: dict) -> dict:
         responses, ranking = r["responses"], r.get("ranking")
         if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(x, str) for x in responses):
             raise _Bad("'responses' must be a list of 2 or more strings")
-        if not isinstance(ranking, list) or sorted(ranking) != list(range(len(responses))):
+        # integers only: sorted() of mixed types raises, and true/false or 1.0 would pass as indices
+        if not isinstance(ranking, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ranking) \
+                or sorted(ranking) != list(range(len(responses))):
             raise _Bad("'ranking' must list every response index once, best first")
         prompt = r.get("prompt")
     else:
@@ -205,7 +213,7 @@ def parse_preference(r: dict) -> dict:
     elif prompt is None:
         raise _Bad("missing field 'prompt'")
     else:
-        prompt = _check_messages(prompt)
+        prompt = _check_messages(prompt, "prompt")
     responses = [x.strip() for x in responses]
     if any(not x for x in responses):
         raise _Bad("empty response")
@@ -226,22 +234,36 @@ def read_prompts(path) -> list[list[dict]]:
     if path.suffix != ".jsonl":
         if not path.is_file():
             raise NpgptError(f"prompt file not found: {path}")
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise NpgptError(f"cannot read {path}: {e.strerror or e}") from None
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise NpgptError(f"{path}:{line}: not valid UTF-8") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if not lines:
             raise NpgptError(f"{path}: no prompts")
         return [prompt_messages(ln) for ln in lines]
     out = []
     for n, r in _records(path):
-        p = r.get("prompt", r.get("messages"))
+        field = "prompt" if "prompt" in r else "messages"
+        p = r.get(field)
         if isinstance(p, str) and p.strip():
             out.append(prompt_messages(p.strip()))
         elif isinstance(p, list):
             try:
-                out.append(_check_messages(p))
+                out.append(_check_messages(p, field))
             except _Bad as e:
                 raise NpgptError(f"{path}:{n}: {e}") from None
-        else:
+        elif isinstance(p, str):
+            raise NpgptError(f"{path}:{n}: empty prompt")
+        elif p is None:
             raise NpgptError(f"{path}:{n}: missing field 'prompt'")
+        else:
+            raise NpgptError(f"{path}:{n}: {field!r} must be a string or a list of messages")
     return out
 
 
@@ -258,13 +280,9 @@ def read_split(read, data_file, val_file, val_fraction: float, skip_bad: bool, r
     return [recs[i] for i in order[n_val:]], [recs[i] for i in order[:n_val]], skipped
 
 
-def start_model(model_dir, out_dir, force: bool, seed: int):
-    """The model a chat-training command starts from (a writable copy with the chat tokens), after
-    checking that out_dir may be written."""
+def start_model(model_dir, seed: int):
+    """The model a chat-training command starts from: a writable copy with the chat tokens."""
     from .checkpoint import load_model
-    out = Path(out_dir)
-    if (out / "model.safetensors").exists() and not force:
-        raise NpgptError(f"{out} already holds a model; use --force to overwrite it")
     base = load_model(model_dir)
     if base.flat is None:
         raise NpgptError("a quantized model cannot be trained")

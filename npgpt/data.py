@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_open, atomic_write_json
 from .errors import NpgptError
+from .files import atomic_open, atomic_write_json, claim_out, current, file_set
 from .tokenizer import Tokenizer, make_tokenizer
 
 
@@ -37,8 +37,6 @@ def prepare(inputs, out: str | Path, tokenizer: str | Tokenizer = "char", val_fr
     if not 0.0 <= val_fraction < 1.0:
         raise NpgptError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     out = Path(out)
-    if (out / "meta.json").exists() and not force:
-        raise NpgptError(f"{out} already holds prepared data; use --force to overwrite it")
     texts = [read_text(p) for p in inputs]
     for p, t in zip(inputs, texts):
         if not t:
@@ -50,16 +48,25 @@ def prepare(inputs, out: str | Path, tokenizer: str | Tokenizer = "char", val_fr
     n_train = len(ids) - n_val
     if n_train < 2 or (val_fraction > 0 and n_val < 2):
         raise NpgptError(f"corpus too small: {len(ids)} tokens")
-    out.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train.bin", ids[:n_train]), ("val.bin", ids[n_train:])):
-        with atomic_open(out / name) as f:
-            f.write(part.astype(dtype).tobytes())
-    tok.save(out)
     meta = {"tokenizer": tok.kind, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
             "train_tokens": int(n_train), "val_tokens": int(n_val),
             "inputs": [str(p) for p in inputs], "val_fraction": val_fraction}
-    atomic_write_json(out / "meta.json", meta)
+    # token files, tokenizer and meta.json are one set: ids never sit next to another tokenizer's vocabulary
+    with claim_out(out, "data", force), file_set(out) as stage:
+        for name, part in (("train.bin", ids[:n_train]), ("val.bin", ids[n_train:])):
+            with atomic_open(stage / name) as f:
+                f.write(part.astype(dtype).tobytes())
+        tok.save(stage)
+        atomic_write_json(stage / "meta.json", meta)
     return meta
+
+
+def save_tokenizer(tok: Tokenizer, out: str | Path, force: bool = False):
+    """A tokenizer dir (`npgpt tokenizer train`): tokenizer.json and meta.json, which `prepare
+    --tokenizer DIR` reads. Refuses to write into any other kind of dir."""
+    with claim_out(out, "tokenizer", force), file_set(out) as stage:
+        tok.save(stage)
+        atomic_write_json(stage / "meta.json", {"tokenizer": tok.kind, "vocab_size": tok.vocab_size})
 
 
 class TokenData:
@@ -71,25 +78,36 @@ class TokenData:
 
     def __init__(self, directory: str | Path):
         d = Path(directory)
-        if not (d / "meta.json").is_file():
+        if not current(d, "meta.json").is_file():
             raise NpgptError(f"{d} is not a prepared data dir (no meta.json); run `npgpt prepare` first")
         self.dir = d
-        self.meta = json.loads((d / "meta.json").read_text())
-        self.dtype = np.dtype(self.meta["dtype"])
-        self.vocab_size = int(self.meta["vocab_size"])
-        self.tokenizer = Tokenizer.load(d, self.meta["tokenizer"])
-        self.sizes = {}
+        try:
+            self.meta = meta = json.loads(current(d, "meta.json").read_bytes().decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise NpgptError(f"{d}/meta.json is not valid JSON") from None
+        if not (isinstance(meta, dict) and meta.get("dtype") in ("uint16", "uint32")
+                and isinstance(meta.get("vocab_size"), int) and not isinstance(meta["vocab_size"], bool)
+                and meta["vocab_size"] > 0 and isinstance(meta.get("tokenizer"), str)):
+            raise NpgptError(f"{d} is not a prepared data dir (meta.json lacks a token dtype, vocab_size or "
+                             f"tokenizer); run `npgpt prepare` first")
+        self.dtype = np.dtype(meta["dtype"])
+        self.vocab_size = meta["vocab_size"]
+        self.tokenizer = Tokenizer.load(current(d, "tokenizer.json").parent, meta["tokenizer"])
+        if self.tokenizer.vocab_size > self.vocab_size:
+            raise NpgptError(f"{d}: the tokenizer has {self.tokenizer.vocab_size} tokens, meta.json says "
+                             f"{self.vocab_size}")
+        self.paths, self.sizes = {}, {}
         for split in ("train", "val"):
-            p = d / f"{split}.bin"
+            p = self.paths[split] = current(d, f"{split}.bin")
             if not p.is_file():
-                raise NpgptError(f"{p} is missing")
+                raise NpgptError(f"{d / (split + '.bin')} is missing")
             self.sizes[split] = p.stat().st_size // self.dtype.itemsize
 
     def tokens(self, split: str) -> np.ndarray:
         """A fresh read-only memmap of a split's tokens."""
         if self.sizes[split] == 0:
             raise NpgptError(f"{self.dir}: the {split} split is empty")
-        return np.memmap(self.dir / f"{split}.bin", dtype=self.dtype, mode="r")
+        return np.memmap(self.paths[split], dtype=self.dtype, mode="r")
 
     def batch(self, split: str, batch_size: int, block_size: int, rng: np.random.Generator):
         """-> (x, y) int64 [B, T]: y is x shifted by one token."""

@@ -21,9 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from .chat import encode_chat, fit_context, pad_batch, pairs, read_preferences, read_split, start_model
-from .checkpoint import atomic_write_json, read_config, save_checkpoint
+from .checkpoint import save_checkpoint
+from .config import check_fields
 from .errors import NpgptError
-from .optim import AdamW, lr_at
+from .files import claim_out
+from .model import GPT
+from .optim import AdamW, first_non_finite, grad_norm, lr_at
 from .params import decay_mask
 
 
@@ -39,6 +42,11 @@ class DPOConfig:
     grad_clip: float = 1.0
     val_fraction: float = 0.05
     seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self, beta="positive", learning_rate="positive", min_lr="nonneg", batch_size="count",
+                     epochs="count", warmup_fraction="unit", weight_decay="nonneg", grad_clip="nonneg",
+                     val_fraction="fraction", seed="index")
 
 
 def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta: float):
@@ -104,56 +112,64 @@ def dpo(model_dir, data_file, out_dir, cfg: DPOConfig | None = None, *, val_file
     cfg = cfg or DPOConfig()
     stream = stream or sys.stderr
     out = Path(out_dir)
-    rng = np.random.default_rng(cfg.seed)
-    recs, val_recs, skipped = read_split(read_preferences, data_file, val_file, cfg.val_fraction, skip_bad, rng)
-    model = start_model(model_dir, out, force, cfg.seed)
-    items, val_items = _encode(model, recs), _encode(model, val_recs)
-    # the reference is the starting model: its log-likelihoods are computed once, before any update
-    for group in (items, val_items):
-        for it in group:
-            it["ref"] = list(sequence_logprobs(model, it["seqs"])[0])
-    model.drop_activations()
-    n_pairs = sum(len(it["pairs"]) for it in items)
-    if not quiet:
-        print(f"npgpt dpo: {len(items)} prompts, {n_pairs} pairs ({len(val_items)} prompts held out"
-              + (f", {skipped} bad skipped" if skipped else "") + f"), beta {cfg.beta}, {cfg.epochs} epochs",
-              file=stream, flush=True)
-    opt = AdamW(model.flat, decay_mask(model.config), weight_decay=cfg.weight_decay)
-    total = math.ceil(len(items) / cfg.batch_size) * cfg.epochs
-    warmup = max(1, int(cfg.warmup_fraction * total))
-    history, step = [], 0
-    for epoch in range(cfg.epochs):
-        order = rng.permutation(len(items))
-        losses, accs = [], []
-        for b0 in range(0, len(order), cfg.batch_size):
-            seqs, ref, w, l = _flatten([items[i] for i in order[b0:b0 + cfg.batch_size]])
-            model.zero_grad()
-            pi, y = sequence_logprobs(model, seqs, train=True, rng=rng)
-            loss, gw, gl, acc = dpo_loss(pi[w], pi[l], ref[w], ref[l], cfg.beta)
-            if not math.isfinite(loss):
-                raise NpgptError(f"loss became {loss} at epoch {epoch + 1}, step {step + 1}")
-            dseq = np.zeros(len(seqs))
-            np.add.at(dseq, w, gw)
-            np.add.at(dseq, l, gl)
-            model.backward(dlogp=dseq[:, None] * (y >= 0))  # every response token carries its sequence's gradient
-            opt.step(model.grad, lr_at(step, cfg.learning_rate, cfg.min_lr, warmup, total), cfg.grad_clip)
-            losses.append(loss)
-            accs.append(acc)
-            step += 1
-        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "train_reward_acc": float(np.mean(accs))}
-        if val_items:
-            rec["val_loss"], rec["val_reward_acc"] = evaluate_dpo(model, val_items, cfg.beta)
-        history.append(rec)
+    with claim_out(out, "checkpoint", force):
+        rng = np.random.default_rng(cfg.seed)
+        recs, val_recs, skipped = read_split(read_preferences, data_file, val_file, cfg.val_fraction, skip_bad, rng)
+        start = start_model(model_dir, cfg.seed)
+        # no dropout while training: the reference log-likelihoods are computed without it, and at equal
+        # weights the policy must give the same numbers (z = 0, loss log 2), not dropout noise of several nats
+        model = GPT(dataclasses.replace(start.config, dropout=0.0), start.flat, tokenizer=start.tokenizer)
+        items, val_items = _encode(model, recs), _encode(model, val_recs)
+        # the reference is the starting model: its log-likelihoods are computed once, before any update
+        for group in (items, val_items):
+            for it in group:
+                it["ref"] = list(sequence_logprobs(model, it["seqs"])[0])
+        model.drop_activations()
+        n_pairs = sum(len(it["pairs"]) for it in items)
         if not quiet:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}, implicit reward acc "
-                  f"{rec['train_reward_acc']:.4f}" + (f", val loss {rec['val_loss']:.4f}, val reward acc "
-                                                       f"{rec['val_reward_acc']:.4f}" if val_items else ""),
+            print(f"npgpt dpo: {len(items)} prompts, {n_pairs} pairs ({len(val_items)} prompts held out"
+                  + (f", {skipped} bad skipped" if skipped else "") + f"), beta {cfg.beta}, {cfg.epochs} epochs",
                   file=stream, flush=True)
-    save_checkpoint(out, model, provenance={"created_by": "npgpt dpo", "base": str(model_dir)})
-    conf = read_config(out)
-    conf["dpo"] = {**dataclasses.asdict(cfg), "history": history, "skipped": skipped}
-    atomic_write_json(out / "config.json", conf)
-    return {"epochs": history, "skipped": skipped}
+        opt = AdamW(model.flat, decay_mask(model.config), weight_decay=cfg.weight_decay)
+        total = math.ceil(len(items) / cfg.batch_size) * cfg.epochs
+        warmup = max(1, int(cfg.warmup_fraction * total))
+        history, step = [], 0
+        for epoch in range(cfg.epochs):
+            order = rng.permutation(len(items))
+            losses, accs = [], []
+            for b0 in range(0, len(order), cfg.batch_size):
+                seqs, ref, w, l = _flatten([items[i] for i in order[b0:b0 + cfg.batch_size]])
+                model.zero_grad()
+                pi, y = sequence_logprobs(model, seqs, train=True, rng=rng)
+                loss, gw, gl, acc = dpo_loss(pi[w], pi[l], ref[w], ref[l], cfg.beta)
+                dseq = np.zeros(len(seqs))
+                np.add.at(dseq, w, gw)
+                np.add.at(dseq, l, gl)
+                model.backward(dlogp=dseq[:, None] * (y >= 0))  # every response token carries its sequence's gradient
+                norm = grad_norm(model.grad)
+                bad = first_non_finite(loss=loss, gradient_norm=norm)
+                if bad:
+                    raise NpgptError(f"{bad} at epoch {epoch + 1}, step {step + 1}; stopped without saving anything")
+                opt.step(model.grad, lr_at(step, cfg.learning_rate, cfg.min_lr, warmup, total), cfg.grad_clip, norm)
+                losses.append(loss)
+                accs.append(acc)
+                step += 1
+            rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "train_reward_acc": float(np.mean(accs))}
+            if val_items:
+                rec["val_loss"], rec["val_reward_acc"] = evaluate_dpo(model, val_items, cfg.beta)
+                if not math.isfinite(rec["val_loss"]):
+                    raise NpgptError(f"validation loss became {rec['val_loss']} after epoch {epoch + 1}; stopped "
+                                     f"without saving anything")
+            history.append(rec)
+            if not quiet:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}, implicit reward acc "
+                      f"{rec['train_reward_acc']:.4f}" + (f", val loss {rec['val_loss']:.4f}, val reward acc "
+                                                           f"{rec['val_reward_acc']:.4f}" if val_items else ""),
+                      file=stream, flush=True)
+        model.config = start.config  # saved with the dropout it came with, for whoever trains it next
+        save_checkpoint(out, model, provenance={"created_by": "npgpt dpo", "base": str(model_dir)},
+                        sections={"dpo": {**dataclasses.asdict(cfg), "history": history, "skipped": skipped}})
+        return {"epochs": history, "skipped": skipped}
 
 
 __all__ = ["DPOConfig", "dpo", "dpo_loss", "sequence_logprobs"]

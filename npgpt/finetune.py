@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write_json, load_model, load_safetensors, read_config, save_checkpoint, write_safetensors
+from .checkpoint import load_head, load_model, read_config, save_checkpoint
+from .config import check_fields
 from .errors import NpgptError
+from .files import claim_out
 from .model import GPT
-from .optim import AdamW
+from .optim import AdamW, first_non_finite
 from .params import decay_mask, make_views
 
 TASKS = {"classify": ("text",), "entail": ("premise", "hypothesis"), "similar": ("a", "b"),
@@ -44,26 +46,23 @@ class FinetuneConfig:
     grad_clip: float = 1.0
     seed: int = 0
 
+    def __post_init__(self):
+        check_fields(self, learning_rate="positive", batch_size="count", epochs="count", warmup_fraction="unit",
+                     lm_coef="nonneg", clf_dropout="fraction", weight_decay="nonneg", grad_clip="nonneg", seed="index")
+
 
 # ---------------------------------------------------------------- data
-def read_task_file(path, task: str) -> list[dict]:
-    """Labelled examples from JSON lines, CSV or TSV (named columns). Bad records name their line."""
+def read_task_file(path, task: str, labelled: bool = False) -> list[dict]:
+    """Examples of `task` from JSON lines, CSV or TSV (named columns), validated: the task's text fields
+    are non-empty strings; "choice" examples have 2 or more non-empty "choices" (CSV: columns choice0,
+    choice1, ... in that order), the same number in every example, and an integer "label" index; other
+    tasks' labels are non-empty strings or integers. With `labelled`, every example needs a label.
+    Anything else is an NpgptError naming file:line."""
     if task not in TASKS:
         raise NpgptError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     path = Path(path)
-    if not path.is_file():
-        raise NpgptError(f"data file not found: {path}")
     if path.suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [(n + 2, r) for n, r in enumerate(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))]
-        if task == "choice":
-            for n, r in rows:  # choices as columns choice0, choice1, ...
-                r["choices"] = [r[k] for k in sorted(r) if k.startswith("choice") and r[k]]
-                if "label" in r:
-                    try:
-                        r["label"] = int(r["label"])
-                    except ValueError:
-                        raise NpgptError(f"{path}:{n}: label must be an integer index") from None
+        rows = _read_table(path, task)
     else:
         from .evaluate import read_jsonl
         rows = [(r.pop("_line"), r) for r in read_jsonl(path)]
@@ -71,17 +70,99 @@ def read_task_file(path, task: str) -> list[dict]:
         raise NpgptError(f"{path}: no records")
     out = []
     for n, r in rows:
-        for k in TASKS[task]:
-            if r.get(k) in (None, "", []):
-                raise NpgptError(f"{path}:{n}: missing field {k!r}")
-        if task == "choice":
-            if not isinstance(r["choices"], list) or len(r["choices"]) < 2:
-                raise NpgptError(f"{path}:{n}: choices must be a list of 2 or more")
-            if "label" in r and (not isinstance(r["label"], int) or not 0 <= r["label"] < len(r["choices"])):
-                raise NpgptError(f"{path}:{n}: label {r['label']!r} is out of range")
+        _check_example(r, task, labelled, f"{path}:{n}")
+        if task == "choice" and len(r["choices"]) != len(out[0]["choices"] if out else r["choices"]):
+            # the head scores the candidates of a batch as one [B, K] softmax: K must be fixed
+            raise NpgptError(f"{path}:{n}: {len(r['choices'])} choices, but line {out[0]['_line']} has "
+                             f"{len(out[0]['choices'])}; every example needs the same number")
         r["_line"] = n
         out.append(r)
     return out
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not the label 1
+
+
+def _check_example(r: dict, task: str, labelled: bool, where: str) -> None:
+    """Raise an NpgptError (prefixed by `where`) unless r is a well-formed example of `task`."""
+    for k in TASKS[task]:
+        v = r.get(k)
+        if v is None or v == "" or v == []:
+            raise NpgptError(f"{where}: missing field {k!r}")
+        if k != "choices" and not isinstance(v, str):
+            raise NpgptError(f"{where}: field {k!r} must be a string")
+    if task == "choice":
+        ch = r["choices"]
+        if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) for c in ch):
+            raise NpgptError(f"{where}: choices must be a list of 2 or more strings")
+        if not all(ch):
+            raise NpgptError(f"{where}: choice {ch.index('')} is empty")
+    if "label" not in r:
+        if labelled:
+            raise NpgptError(f"{where}: missing field 'label'")
+        return
+    label = r["label"]
+    if task == "choice":
+        if not _is_int(label):
+            raise NpgptError(f"{where}: label must be an integer index, got {label!r}")
+        if not 0 <= label < len(r["choices"]):
+            raise NpgptError(f"{where}: label {label!r} is out of range")
+    elif not _is_int(label) and not (isinstance(label, str) and label):
+        raise NpgptError(f"{where}: label must be a non-empty string or an integer, got {label!r}")
+
+
+def _read_table(path: Path, task: str) -> list[tuple[int, dict]]:
+    """(line, record) of each row of a CSV/TSV file with a header row. Every row must have as many
+    fields as the header (csv.DictReader would file extra cells under the key None and pad short rows
+    with None). An empty label cell is no label (prediction files). For "choice", the columns
+    choice0 .. choiceK-1 become "choices" in the order of their number (not of their names: choice10
+    sorts before choice2) and "label" becomes an int."""
+    import io
+    import re
+    if not path.is_file():
+        raise NpgptError(f"data file not found: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise NpgptError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise NpgptError(f"{path}:{line}: not valid UTF-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
+    rows = []
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
+        if dup is not None:
+            raise NpgptError(f"{path}:{reader.line_num}: column {dup!r} appears twice in the header")
+        cols = {int(m.group(1)): h for h in header if (m := re.fullmatch(r"choice(0|[1-9][0-9]*)", h))}
+        if task == "choice" and sorted(cols) != list(range(max(2, len(cols)))):
+            raise NpgptError(f"{path}: a choice table needs columns choice0, choice1, ... (2 or more, no gaps); "
+                             f"found {', '.join(cols[i] for i in sorted(cols)) or 'none'}")
+        for cells in reader:
+            n = reader.line_num
+            if not cells or (len(cells) == 1 and not cells[0].strip() and len(header) > 1):
+                continue  # a blank line
+            if len(cells) != len(header):
+                raise NpgptError(f"{path}:{n}: {len(cells)} fields, but the header has {len(header)}")
+            r = dict(zip(header, cells))
+            if r.get("label") is not None and not r["label"].strip():
+                del r["label"]
+            if task == "choice":
+                r["choices"] = [r[cols[i]] for i in range(len(cols))]
+                if "label" in r:
+                    if not re.fullmatch(r"[0-9]+", r["label"].strip()):
+                        raise NpgptError(f"{path}:{n}: label must be an integer index, got {r['label']!r}")
+                    r["label"] = int(r["label"])
+            rows.append((n, r))
+    except csv.Error as e:
+        raise NpgptError(f"{path}:{reader.line_num}: {e}") from None
+    return rows
 
 
 def label_set(examples: list[dict], path="data") -> list:
@@ -121,7 +202,8 @@ def add_special_tokens(model: GPT, seed: int = 0, specials=SPECIALS) -> tuple[GP
 
 def encode_example(model: GPT, task: str, ex: dict, ids: dict[str, int]) -> list[list[int]]:
     """The token sequences of one example (1, 2 for similar, or one per candidate for choice), each
-    ending in the extract token; the first text field is cut from the left to fit the context."""
+    ending in the extract token; the first text field is cut from the left to fit the context. The
+    start/delim/extract ids come only from here: text fields are plain text (Tokenizer.encode)."""
     enc = model.tokenizer.encode
     S, D, E = ids["<|start|>"], ids["<|delim|>"], ids["<|extract|>"]
     block = model.config.block_size
@@ -240,67 +322,70 @@ def finetune(model_dir, task: str, train_file, val_file, out_dir, cfg: FinetuneC
     cfg = cfg or FinetuneConfig()
     stream = stream or sys.stderr
     out = Path(out_dir)
-    if (out / "model.safetensors").exists() and not force:
-        raise NpgptError(f"{out} already holds a model; use --force to overwrite it")
-    train, val = read_task_file(train_file, task), read_task_file(val_file, task)
-    labels = list(range(len(train[0]["choices"]))) if task == "choice" else label_set(train, train_file)
-    index = {str(l): i for i, l in enumerate(labels)}
-    for ex in train + val:
-        if task != "choice" and str(ex.get("label")) not in index:
-            raise NpgptError(f"line {ex['_line']}: label {ex.get('label')!r} is not one of the training labels")
-        if task == "choice" and len(ex["choices"]) != len(labels):
-            raise NpgptError(f"line {ex['_line']}: every item needs {len(labels)} choices")
-    base = load_model(model_dir)
-    if base.flat is None:
-        raise NpgptError("a quantized model cannot be fine-tuned")
-    model, ids = add_special_tokens(base, cfg.seed)
-    head = TaskHead(model.config.n_embd, 1 if task == "choice" else len(labels), seed=cfg.seed)
-    enc_train = [encode_example(model, task, ex, ids) for ex in train]
-    enc_val = [encode_example(model, task, ex, ids) for ex in val]
-    y_train = np.array([ex["label"] if task == "choice" else index[str(ex["label"])] for ex in train])
-    y_val = np.array([ex["label"] if task == "choice" else index[str(ex["label"])] for ex in val])
+    with claim_out(out, "checkpoint", force):
+        train, val = read_task_file(train_file, task, labelled=True), read_task_file(val_file, task, labelled=True)
+        labels = list(range(len(train[0]["choices"]))) if task == "choice" else label_set(train, train_file)
+        index = {str(l): i for i, l in enumerate(labels)}
+        for ex in val:  # the training file is consistent by construction of `labels`
+            if task != "choice" and str(ex["label"]) not in index:
+                raise NpgptError(f"{val_file}:{ex['_line']}: label {ex['label']!r} is not one of the training labels")
+            if task == "choice" and len(ex["choices"]) != len(labels):
+                raise NpgptError(f"{val_file}:{ex['_line']}: {len(ex['choices'])} choices, but the training "
+                                 f"examples have {len(labels)}")
+        base = load_model(model_dir)
+        if base.flat is None:
+            raise NpgptError("a quantized model cannot be fine-tuned")
+        model, ids = add_special_tokens(base, cfg.seed)
+        head = TaskHead(model.config.n_embd, 1 if task == "choice" else len(labels), seed=cfg.seed)
+        enc_train = [encode_example(model, task, ex, ids) for ex in train]
+        enc_val = [encode_example(model, task, ex, ids) for ex in val]
+        y_train = np.array([ex["label"] if task == "choice" else index[str(ex["label"])] for ex in train])
+        y_val = np.array([ex["label"] if task == "choice" else index[str(ex["label"])] for ex in val])
 
-    opt = AdamW(model.flat, decay_mask(model.config), weight_decay=cfg.weight_decay)
-    hopt = AdamW(head.flat, np.array([1] * head.params["head.weight"].size + [0] * head.params["head.bias"].size,
-                                     np.uint8), weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, int(cfg.warmup_fraction * total))
-    rng = np.random.default_rng(cfg.seed)
-    history, best, step = [], None, 0
-    for epoch in range(cfg.epochs):
-        order = rng.permutation(len(train))
-        losses = []
-        for b0 in range(0, len(train), cfg.batch_size):
-            idx = order[b0:b0 + cfg.batch_size]
-            lr = cfg.learning_rate * (step + 1) / warmup if step < warmup else \
-                cfg.learning_rate * max(0.0, (total - step) / max(1, total - warmup))
-            model.zero_grad()
-            head.grad.fill(0)
-            loss, _, _ = step_loss(model, head, task, [enc_train[i] for i in idx], y_train[idx], lm_coef=cfg.lm_coef,
-                                   train=True, rng=rng, clf_dropout=cfg.clf_dropout)
-            if not math.isfinite(loss):
-                raise NpgptError(f"loss became {loss} at epoch {epoch + 1}, step {step + 1}")
-            # one global norm over the model and the head, as one parameter set
-            norm = math.sqrt(float(np.dot(model.grad, model.grad)) + float(np.dot(head.grad, head.grad)))
-            scale = min(1.0, cfg.grad_clip / (norm + 1e-6)) if cfg.grad_clip > 0 else 1.0
-            if scale < 1.0:
-                model.grad *= scale
-                head.grad *= scale
-            opt.step(model.grad, lr)
-            hopt.step(head.grad, lr)
-            losses.append(loss)
-            step += 1
-        acc, f1, _ = evaluate_task(model, head, task, enc_val, y_val, len(labels))
-        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_acc": acc, "val_f1": f1}
-        history.append(rec)
-        if not quiet:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}, val acc {acc:.4f}"
-                  + (f", val F1 {f1:.4f}" if f1 is not None else ""), file=stream, flush=True)
-        if best is None or acc > best["val_acc"]:
-            best = rec
-            save_finetuned(out, model, head, task, labels, ids, cfg, history)
-    return {"epochs": history, "best": best}
+        opt = AdamW(model.flat, decay_mask(model.config), weight_decay=cfg.weight_decay)
+        hopt = AdamW(head.flat, np.array([1] * head.params["head.weight"].size + [0] * head.params["head.bias"].size,
+                                         np.uint8), weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        warmup = max(1, int(cfg.warmup_fraction * total))
+        rng = np.random.default_rng(cfg.seed)
+        history, best, step = [], None, 0
+        for epoch in range(cfg.epochs):
+            order = rng.permutation(len(train))
+            losses = []
+            for b0 in range(0, len(train), cfg.batch_size):
+                idx = order[b0:b0 + cfg.batch_size]
+                lr = cfg.learning_rate * (step + 1) / warmup if step < warmup else \
+                    cfg.learning_rate * max(0.0, (total - step) / max(1, total - warmup))
+                model.zero_grad()
+                head.grad.fill(0)
+                loss, _, _ = step_loss(model, head, task, [enc_train[i] for i in idx], y_train[idx], lm_coef=cfg.lm_coef,
+                                       train=True, rng=rng, clf_dropout=cfg.clf_dropout)
+                # one global norm over the model and the head, as one parameter set
+                norm = math.sqrt(float(np.dot(model.grad, model.grad)) + float(np.dot(head.grad, head.grad)))
+                bad = first_non_finite(loss=loss, gradient_norm=norm)
+                if bad:
+                    raise NpgptError(f"{bad} at epoch {epoch + 1}, step {step + 1}; stopped without saving it"
+                                     + (f" (the best checkpoint so far, epoch {best['epoch']}, is kept in {out})"
+                                        if best else ""))
+                scale = min(1.0, cfg.grad_clip / (norm + 1e-6)) if cfg.grad_clip > 0 else 1.0
+                if scale < 1.0:
+                    model.grad *= scale
+                    head.grad *= scale
+                opt.step(model.grad, lr)
+                hopt.step(head.grad, lr)
+                losses.append(loss)
+                step += 1
+            acc, f1, _ = evaluate_task(model, head, task, enc_val, y_val, len(labels))
+            rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_acc": acc, "val_f1": f1}
+            history.append(rec)
+            if not quiet:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}, val acc {acc:.4f}"
+                      + (f", val F1 {f1:.4f}" if f1 is not None else ""), file=stream, flush=True)
+            if best is None or acc > best["val_acc"]:
+                best = rec
+                save_finetuned(out, model, head, task, labels, ids, cfg, history)
+        return {"epochs": history, "best": best}
 
 
 def evaluate_task(model: GPT, head: TaskHead, task: str, enc, y, n_labels: int, batch: int = 32):
@@ -325,12 +410,11 @@ def evaluate_task(model: GPT, head: TaskHead, task: str, enc, y, n_labels: int, 
 
 
 def save_finetuned(out: Path, model: GPT, head: TaskHead, task, labels, ids, cfg: FinetuneConfig, history):
-    save_checkpoint(out, model, provenance={"created_by": "npgpt finetune"})
-    write_safetensors(out / "head.safetensors", [(n, head.params[n]) for n, _ in head.shapes])
-    conf = read_config(out)
-    conf["finetune"] = {"task": task, "labels": labels, "special_tokens": ids, **dataclasses.asdict(cfg),
-                        "history": history}
-    atomic_write_json(out / "config.json", conf)
+    """The fine-tuned model, its head and its task description, as one atomic checkpoint."""
+    save_checkpoint(out, model, provenance={"created_by": "npgpt finetune"},
+                    heads={"head.safetensors": [(n, head.params[n]) for n, _ in head.shapes]},
+                    sections={"finetune": {"task": task, "labels": labels, "special_tokens": ids,
+                                           **dataclasses.asdict(cfg), "history": history}})
 
 
 def load_finetuned(model_dir) -> tuple[GPT, TaskHead, dict]:
@@ -338,8 +422,10 @@ def load_finetuned(model_dir) -> tuple[GPT, TaskHead, dict]:
     conf = read_config(model_dir).get("finetune")
     if not conf:
         raise NpgptError(f"{model_dir} is not a fine-tuned model (no task head); run `npgpt finetune` first")
-    tensors, _ = load_safetensors(Path(model_dir) / "head.safetensors", mmap=False)
-    W = tensors["head.weight"]
+    tensors = load_head(model_dir)
+    W, b = tensors.get("head.weight"), tensors.get("head.bias")
+    if W is None or b is None or W.ndim != 2 or b.shape != (W.shape[1],) or W.shape[0] != model.config.n_embd:
+        raise NpgptError(f"{model_dir}/head.safetensors does not match the model")
     head = TaskHead(W.shape[0], W.shape[1])
     head.params["head.weight"][...] = W
     head.params["head.bias"][...] = tensors["head.bias"]

@@ -21,17 +21,22 @@ from .params import init_params, make_views, param_shapes
 class KVCache:
     """Keys and values of every layer for positions 0 .. length - 1: k, v [L, B, H, room, D]."""
 
-    def __init__(self, cfg: GPTConfig, batch: int, dtype=np.float32, length: int | None = None):
-        """Room for `length` positions (default and at most: the context)."""
+    def __init__(self, cfg: GPTConfig, batch: int, dtype=None, length: int | None = None):
+        """Room for `length` positions (default and at most: the context). dtype None follows the model:
+        the cache takes the dtype of the first keys stored (a float64 model keeps float64 attention)."""
         length = min(length or cfg.block_size, cfg.block_size)
         shape = (cfg.n_layer, batch, cfg.n_head, length, cfg.head_dim)
-        self.k = np.zeros(shape, dtype)
-        self.v = np.zeros(shape, dtype)
+        self.follow = dtype is None
+        # np.zeros maps untouched pages lazily, so a placeholder that extend() replaces costs nothing
+        self.k = np.zeros(shape, dtype or np.float32)
+        self.v = np.zeros(shape, dtype or np.float32)
         self.length = 0
         self.pad = None  # [B] left-padding columns of each row (None: no padding)
 
     def extend(self, layer, k, v):
         """Store k, v [B, H, T, D] at the next T positions; return all keys and values so far."""
+        if self.follow and k.dtype != self.k.dtype:
+            self.k, self.v = self.k.astype(k.dtype), self.v.astype(k.dtype)
         t0, t1 = self.length, self.length + k.shape[2]
         self.k[layer, :, :, t0:t1] = k
         self.v[layer, :, :, t0:t1] = v
@@ -96,12 +101,15 @@ class GPT:
         nll = self._lm(idx, targets, train, rng)
         return float(nll.sum(dtype=np.float64) / max(int((self._saved["targets"] >= 0).sum()), 1))
 
-    def logprobs(self, idx, targets, *, train: bool = False, rng: np.random.Generator | None = None) -> np.ndarray:
+    def logprobs(self, idx, targets, *, train: bool = False, rng: np.random.Generator | None = None,
+                 temperature: float = 1.0) -> np.ndarray:
         """log p(targets[b, t] | idx[b, :t+1]) per position [B, T] float32 (0 where targets < 0): what
-        sequence-level objectives (SFT masks, DPO, PPO) are built from. The activations are kept; pass
-        `dlogp` (d objective / d logprobs) to `backward()`."""
+        sequence-level objectives (SFT masks, DPO, PPO) are built from. With a temperature, of the
+        distribution softmax(logits / temperature) that sampling at that temperature draws from (PPO's
+        ratios and KL must be those of the policy that produced the rollouts). The activations are
+        kept; pass `dlogp` (d objective / d logprobs) to `backward()`."""
         idx = np.asarray(idx)
-        return -self._lm(idx, targets, train, rng).reshape(np.shape(targets))
+        return -self._lm(idx, targets, train, rng, temperature).reshape(np.shape(targets))
 
     def features(self, idx, *, train: bool = False, rng: np.random.Generator | None = None) -> np.ndarray:
         """Final hidden states [B, T, C] without the LM head (for scalar heads: reward and value models).
@@ -112,8 +120,9 @@ class GPT:
         self._saved = acts
         return acts["xf"]
 
-    def _lm(self, idx, targets, train, rng) -> np.ndarray:
-        """Forward with the tied LM head, keeping activations; per-token NLL [B * T]."""
+    def _lm(self, idx, targets, train, rng, temperature: float = 1.0) -> np.ndarray:
+        """Forward with the tied LM head (logits divided by `temperature`), keeping activations; per-token
+        NLL [B * T]."""
         idx = self._check_idx(idx, None)
         targets = np.asarray(targets)
         if targets.shape != idx.shape:
@@ -121,9 +130,11 @@ class GPT:
         acts = {"idx": idx, "layers": [], "rng": rng if train else None}
         xf = self._body(idx, acts=acts)
         logits = self._head(xf)
+        if temperature != 1.0:
+            logits *= logits.dtype.type(1.0 / temperature)
         N = idx.size
         nll = token_nll(logits.reshape(N, -1), targets.reshape(N))
-        acts.update(xf=xf, logits=logits, targets=targets)
+        acts.update(xf=xf, logits=logits, targets=targets, temperature=temperature)
         self._saved = acts
         return nll
 
@@ -171,6 +182,8 @@ class GPT:
         """Embeddings and all blocks (and ln_f for pre-LN): idx [B, T] -> hidden states [B, T, C].
         When `acts` is a dict, every activation the backward needs is stored in it."""
         cfg, p = self.config, self.params
+        if acts is not None and pad is not None:  # backward() does not pass pad to embedding_backward
+            raise NpgptError("left padding (pad) is for inference only: not with activations kept for a backward")
         eps, pdrop = cfg.layer_norm_eps, cfg.dropout
         rng = acts["rng"] if acts is not None else None
         save = acts is not None  # training: Numba kernels that keep what backward needs; else NumPy
@@ -247,6 +260,8 @@ class GPT:
             row_scale = None if dlogp is None else -np.asarray(dlogp, acts["xf"].dtype).reshape(N)
             dlogits = cross_entropy_backward(acts["logits"].reshape(N, -1), acts["targets"].reshape(N), dloss,
                                              row_scale)
+            if acts["temperature"] != 1.0:  # logits = raw / temperature
+                dlogits *= dlogits.dtype.type(1.0 / acts["temperature"])
             xf = acts["xf"].reshape(N, -1)
             g["wte.weight"] += dlogits.T @ xf
             dx = (dlogits @ wte).reshape(B, T, -1)

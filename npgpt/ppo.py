@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,14 +27,17 @@ from pathlib import Path
 import numpy as np
 
 from .chat import chat_ids, encode_chat, pad_batch, read_prompts
-from .checkpoint import atomic_open, atomic_write_json, load_model, read_config, save_checkpoint
+from .checkpoint import load_model, write_checkpoint
+from .config import check_fields
 from .errors import NpgptError
+from .files import KINDS, DirLock, atomic_open, claim_out, crash_point, current, dir_kind, file_set, recover
 from .finetune import TaskHead
 from .model import GPT
-from .optim import AdamW, joint_clip
+from .optim import AdamW, first_non_finite, grad_norm, joint_clip
 from .params import decay_mask
-from .reward import RewardModel, load_reward_model, save_reward_model
+from .reward import RewardModel, load_reward_model, reward_files
 from .sampling import generate
+from .train import _read_state, _truncate_metrics, read_metrics
 
 
 @dataclass
@@ -54,7 +59,16 @@ class PPOConfig:
     ptx_batch_size: int = 8
     value_init: str = "reward"    # or "policy"
     grad_clip: float = 1.0
+    ckpt_interval: int = 10       # iterations between checkpoints (the last one is always saved)
     seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self, iterations="count", batch_size="count", minibatch_size="count", ppo_epochs="count",
+                     learning_rate="positive", value_lr="positive", kl_coef="nonneg", clip="positive",
+                     value_clip="positive", gamma="unit", lam="unit", max_new_tokens="count", temperature="positive",
+                     ptx_coef="nonneg", ptx_batch_size="count", grad_clip="nonneg", ckpt_interval="count", seed="index")
+        if self.value_init not in ("reward", "policy"):
+            raise NpgptError(f"config: value_init must be 'reward' or 'policy', got {self.value_init!r}")
 
 
 # ---------------------------------------------------------------- the math, on plain arrays
@@ -179,23 +193,36 @@ def _batch_arrays(seqs, plen):
 
 # ---------------------------------------------------------------- the loop
 def ppo(policy_dir, reward_dir, prompts_file, out_dir, cfg: PPOConfig | None = None, *, ptx_data=None,
-        scorer=None, eval_prompts=None, force: bool = False, quiet: bool = False, stream=None) -> dict:
+        scorer=None, eval_prompts=None, resume: bool = False, force: bool = False, quiet: bool = False,
+        stream=None) -> dict:
     """Optimise the SFT policy in `policy_dir` against the reward model in `reward_dir` on the prompts in
     `prompts_file`; save the policy (and its value model in out/value) in `out_dir`.
 
-    ptx_data: a prepared data dir (npgpt prepare) for PPO-ptx. scorer(prompts, responses) -> [B] floats,
+    ptx_data: a prepared data dir (npgpt prepare) for PPO-ptx; used when cfg.ptx_coef > 0 (the CLI sets
+    1.0 when --ptx-data is given without a coefficient). scorer(prompts, responses) -> [B] floats,
     optional: a ground-truth score logged beside the reward (the synthetic demo's hidden rule).
-    Every iteration appends a record to out/metrics.jsonl; out/ppo.png plots them."""
+    Every iteration appends a record to out/metrics.jsonl; out/ppo.png plots them. Every
+    cfg.ckpt_interval iterations the whole state (policy, value model, optimizers, RNG) is checkpointed
+    as one atomic set, so a killed run continues with resume=True, exactly where it was."""
     cfg = cfg or PPOConfig()
     stream = stream or sys.stderr
+    if resume and force:
+        raise NpgptError("give --resume or --force, not both")
+    if ptx_data is not None and cfg.ptx_coef == 0:
+        raise NpgptError("ptx data given with ptx_coef 0: set ptx_coef > 0 (or leave the data out)")
     out = Path(out_dir)
-    if (out / "model.safetensors").exists() and not force:
-        raise NpgptError(f"{out} already holds a model; use --force to overwrite it")
-    if cfg.value_init not in ("reward", "policy"):
-        raise NpgptError(f"value_init must be 'reward' or 'policy', got {cfg.value_init!r}")
-    if cfg.batch_size < 1 or cfg.minibatch_size < 1:
-        raise NpgptError("batch_size and minibatch_size must be >= 1")
     prompts = read_prompts(prompts_file)
+    with DirLock(out):
+        recover(out)
+        kind = dir_kind(out)
+        if resume and kind != "run":
+            raise NpgptError(f"nothing to resume in {out}" + (f" (it holds {KINDS[kind]})" if kind else ""))
+        if not resume:
+            claim_out(out, "run", force, lock=False)
+        return _ppo(policy_dir, reward_dir, prompts, out, cfg, ptx_data, scorer, resume, quiet, stream)
+
+
+def _ppo(policy_dir, reward_dir, prompts, out: Path, cfg: PPOConfig, ptx_data, scorer, resume, quiet, stream):
     ref = load_model(policy_dir)
     chat_ids(ref)
     if ref.flat is None:
@@ -204,43 +231,80 @@ def ppo(policy_dir, reward_dir, prompts_file, out_dir, cfg: PPOConfig | None = N
     if rm.model.config.vocab_size != ref.config.vocab_size:
         raise NpgptError(f"the reward model's vocabulary ({rm.model.config.vocab_size}) differs from the "
                          f"policy's ({ref.config.vocab_size}); train it from the same SFT model")
-    policy = _writable(ref)
-    if cfg.value_init == "reward":
-        head = TaskHead(rm.head.flat.size - 1, 1)
-        head.flat[:] = rm.head.flat
-        value = ValueModel(_writable(rm.model), head)
+    if resume:  # the policy and value model as of the last checkpoint
+        policy = _writable(load_model(out))
+        saved = load_reward_model(out / "value")
+        value = ValueModel(_writable(saved.model), saved.head)
     else:
-        value = ValueModel(_writable(ref), TaskHead(ref.config.n_embd, 1, seed=cfg.seed, std=0.0))
+        policy = _writable(ref)
+        if cfg.value_init == "reward":
+            head = TaskHead(rm.head.flat.size - 1, 1)
+            head.flat[:] = rm.head.flat
+            value = ValueModel(_writable(rm.model), head)
+        else:
+            value = ValueModel(_writable(ref), TaskHead(ref.config.n_embd, 1, seed=cfg.seed, std=0.0))
+    if policy.config.vocab_size != ref.config.vocab_size:
+        raise NpgptError(f"{out} was trained from another policy than {policy_dir}")
     ptx = None
     if ptx_data is not None:
         from .data import TokenData
         ptx = TokenData(ptx_data)
-        if ptx.vocab_size > policy.config.vocab_size:
-            raise NpgptError(f"ptx data vocabulary ({ptx.vocab_size}) is larger than the policy's")
-    opt = AdamW(policy.flat, decay_mask(policy.config), weight_decay=0.0)
-    vopt = AdamW(value.model.flat, decay_mask(value.model.config), weight_decay=0.0)
-    hopt = AdamW(value.head.flat, np.r_[np.ones(value.head.flat.size - 1, np.uint8), 0], weight_decay=0.0)
+        pv = policy.tokenizer.tk.get_vocab()  # the policy's vocabulary is the data's plus the chat tokens
+        if any(pv.get(t) != i for t, i in ptx.tokenizer.tk.get_vocab().items()):
+            raise NpgptError(f"the ptx data in {ptx_data} was not tokenized with the policy's tokenizer; prepare "
+                             f"it with --tokenizer of the model the policy was fine-tuned from")
+    opts = {"": AdamW(policy.flat, decay_mask(policy.config), weight_decay=0.0),
+            "value.": AdamW(value.model.flat, decay_mask(value.model.config), weight_decay=0.0),
+            "value_head.": AdamW(value.head.flat, np.r_[np.ones(value.head.flat.size - 1, np.uint8), 0],
+                                 weight_decay=0.0)}
+    opt, vopt, hopt = opts.values()
     rng = np.random.default_rng(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
-    metrics.write_text("")
+    start = 0
+    if resume:
+        state = _read_state(out)
+        start = state["step"]
+        _load_optimizers(out, opts, start)
+        rng.bit_generator.state = state["rng"]
+        _truncate_metrics(metrics, start, key="iteration")
+    else:
+        _truncate_metrics(metrics, 0, key="iteration")
+    history = [r for r in read_metrics(metrics) if "iteration" in r]
+    provenance = {"created_by": "npgpt ppo", "policy": str(policy_dir), "reward": str(reward_dir)}
+    sections = {"provenance": provenance, "ppo": {**dataclasses.asdict(cfg), "ptx_data": str(ptx_data) if ptx_data else None}}
+
+    def checkpoint(it):
+        """Policy, value model, optimizers and RNG as one atomic set; the policy is saved with the SFT
+        model's dropout (training runs without it) for whoever fine-tunes it next."""
+        saved_policy = GPT(dataclasses.replace(policy.config, dropout=ref.config.dropout), policy.flat,
+                           tokenizer=policy.tokenizer)
+        state = {"step": it, "rng": rng.bit_generator.state}
+        with file_set(out) as stage:
+            write_checkpoint(stage, saved_policy, sections=sections, optimizers=opts, state=state)
+            write_checkpoint(stage / "value", value.model, **reward_files(value, {"from": cfg.value_init}, "value"))
+
     if not quiet:
         print(f"npgpt ppo: {len(prompts)} prompts, {cfg.iterations} iterations x {cfg.batch_size} rollouts, "
-              f"beta {cfg.kl_coef}" + (f", ptx {cfg.ptx_coef}" if ptx else ""), file=stream, flush=True)
-    history = []
-    for it in range(cfg.iterations):
+              f"beta {cfg.kl_coef}" + (f", ptx {cfg.ptx_coef}" if ptx else "")
+              + (f"; resuming after iteration {start}" if resume else ""), file=stream, flush=True)
+    T_s = cfg.temperature
+    for it in range(start, cfg.iterations):
         t0 = time.perf_counter()
         batch = [prompts[i] for i in rng.choice(len(prompts), cfg.batch_size, replace=len(prompts) < cfg.batch_size)]
         seqs, plen, done = rollout(policy, batch, cfg, seed=int(rng.integers(1 << 31)))
         x, y = _batch_arrays(seqs, plen)
         mask = (y >= 0).astype(np.float64)
-        logp_old = policy.logprobs(x, y).astype(np.float64)
+        # log-probabilities of the distribution the rollouts were drawn from: at the sampling temperature
+        logp_old = policy.logprobs(x, y, temperature=T_s).astype(np.float64)
         ent = entropy(policy.logits, mask)
-        logp_ref = ref.logprobs(x, y).astype(np.float64)
+        logp_ref = ref.logprobs(x, y, temperature=T_s).astype(np.float64)
         v_old = value.values(x)[0]
         end = chat_ids(policy)["<|end|>"]
         # the reward model reads the end token; a response cut by max_new_tokens gets one appended
         score = rm.score([(s if d else s + [end])[-policy.config.block_size:] for s, d in zip(seqs, done)])
+        bad = first_non_finite(reward=float(score.sum()), value=float((v_old * mask).sum()))
+        if bad:
+            raise NpgptError(f"{bad} at iteration {it + 1}; stopped before the update (last checkpoint kept)")
         rewards, kl = kl_rewards(logp_old, logp_ref, mask, score, cfg.kl_coef)
         adv, ret = gae(rewards, v_old, mask, cfg.gamma, cfg.lam)
         adv = whiten(adv, mask)
@@ -252,19 +316,26 @@ def ppo(policy_dir, reward_dir, prompts_file, out_dir, cfg: PPOConfig | None = N
                 T = int(max(len(seqs[i]) for i in mb))
                 xm, ym, mm = x[mb, :T], y[mb, :T], mask[mb, :T]
                 policy.zero_grad()
-                logp = policy.logprobs(xm, ym).astype(np.float64)
+                logp = policy.logprobs(xm, ym, temperature=T_s).astype(np.float64)
                 loss, dlogp, clipfrac = clipped_surrogate(logp, logp_old[mb, :T], adv[mb, :T], mm, cfg.clip)
                 policy.backward(dlogp=dlogp)
-                if ptx is not None and cfg.ptx_coef > 0:
+                if ptx is not None:
                     xb, yb = ptx.batch("train", cfg.ptx_batch_size, policy.config.block_size, rng)
                     pt.append(policy.loss(xb, yb))
                     policy.backward(cfg.ptx_coef)
-                opt.step(policy.grad, cfg.learning_rate, cfg.grad_clip)
                 value.model.zero_grad()
                 value.head.grad.fill(0)
                 v, vback = value.values(xm)
                 vloss, dv = clipped_value_loss(v, v_old[mb, :T], ret[mb, :T], mm, cfg.value_clip)
                 vback(dv)
+                norm = grad_norm(policy.grad)
+                bad = first_non_finite(policy_loss=loss, ptx_loss=pt[-1] if pt else 0.0, value_loss=vloss,
+                                       policy_gradient_norm=norm,
+                                       value_gradient_norm=math.hypot(grad_norm(value.model.grad),
+                                                                      grad_norm(value.head.grad)))
+                if bad:
+                    raise NpgptError(f"{bad} at iteration {it + 1}; stopped before the update (last checkpoint kept)")
+                opt.step(policy.grad, cfg.learning_rate, cfg.grad_clip, norm)
                 clip = joint_clip(cfg.grad_clip, value.model.grad, value.head.grad)
                 vopt.step(value.model.grad, cfg.value_lr, 0.0 if clip is None else clip[0])
                 hopt.step(value.head.grad, cfg.value_lr, 0.0 if clip is None else clip[1])
@@ -283,20 +354,32 @@ def ppo(policy_dir, reward_dir, prompts_file, out_dir, cfg: PPOConfig | None = N
         history.append(rec)
         with open(metrics, "a") as f:
             f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        crash_point("ppo iteration")
         if not quiet:
             print(f"iter {it + 1}/{cfg.iterations}: reward {rec['reward']:+.3f} KL {rec['kl']:.3f} entropy "
                   f"{ent:.3f} clip {rec['clipfrac']:.3f} value loss {rec['value_loss']:.4f}"
                   + (f" true score {rec['true_score']:.3f}" if "true_score" in rec else "")
                   + f" ({rec['seconds']:.1f}s)", file=stream, flush=True)
-    policy.config = dataclasses.replace(policy.config, dropout=ref.config.dropout)
-    save_checkpoint(out, policy, provenance={"created_by": "npgpt ppo", "policy": str(policy_dir),
-                                             "reward": str(reward_dir)})
-    conf = read_config(out)
-    conf["ppo"] = {**dataclasses.asdict(cfg), "ptx_data": str(ptx_data) if ptx_data else None}
-    atomic_write_json(out / "config.json", conf)
-    save_reward_model(out / "value", value, {"from": cfg.value_init}, kind="value")
+        if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.iterations:
+            checkpoint(it + 1)
     plot_ppo(out)
     return {"iterations": history}
+
+
+def _load_optimizers(out: Path, opts: dict, step: int):
+    """Adam state of every optimizer of a PPO run, from the checkpoint of iteration `step`."""
+    from .checkpoint import load_safetensors
+    tensors, meta = load_safetensors(current(out, "optim.safetensors"), mmap=False)
+    if meta.get("step") != str(step):
+        raise NpgptError(f"{out}: optimizer state is from iteration {meta.get('step')}, state.json from {step}; "
+                         f"the checkpoint is inconsistent")
+    for prefix, opt in opts.items():
+        m, v, t = tensors.get(prefix + "m"), tensors.get(prefix + "v"), str(meta.get(prefix + "t", ""))
+        if m is None or v is None or m.shape != opt.m.shape or v.shape != opt.v.shape or not t.isdigit():
+            raise NpgptError(f"{out}: optimizer state does not match the models")
+        opt.m[:], opt.v[:], opt.t = m, v, int(t)
 
 
 def plot_ppo(out: Path):
@@ -308,7 +391,9 @@ def plot_ppo(out: Path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    recs = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    recs = read_metrics(Path(out) / "metrics.jsonl")
+    if not recs:
+        return
     keys = [k for k in ("reward", "true_score", "kl", "entropy") if recs and k in recs[0]]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
     for ax, k in zip(np.atleast_1d(axes), keys):

@@ -17,7 +17,8 @@ import numpy as np
 from .errors import NpgptError
 
 SCHEME = "int8-per-channel"
-_SMALL = 8  # up to this many rows the int8 kernels run; more rows dequantize once and use BLAS
+_SMALL = 8  # up to this many rows the int8 kernels run; more rows dequantize in blocks and use BLAS
+_BLOCK = 1 << 22  # values dequantized at a time on the BLAS path (16 MB of float32)
 
 
 class Int8Weight:
@@ -59,7 +60,7 @@ class Int8Weight:
         from . import kernels as K
         x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
         if x2.shape[0] > _SMALL:
-            out = x2 @ self.dequantize()
+            out = self._blocked_matmul(x2)
         elif self.axis == 1 and not self.transposed:  # linear: y = (x @ q) * s
             out = np.empty((x2.shape[0], self.q.shape[1]), np.float32)
             K.int8_matmul_cols(x2, self.q, self.scale, out, K.nb.get_num_threads())
@@ -67,8 +68,27 @@ class Int8Weight:
             out = np.empty((x2.shape[0], self.q.shape[0]), np.float32)
             K.int8_matmul_rows(x2, self.q, self.scale, out)
         else:
-            out = x2 @ self.dequantize()
+            out = self._blocked_matmul(x2)
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _columns(self, j0: int, j1: int) -> np.ndarray:
+        """Columns j0..j1 of the dequantized matrix (as self.shape): float32 [K, j1 - j0]."""
+        if not self.transposed:
+            s = self.scale[None, j0:j1] if self.axis == 1 else self.scale[:, None]
+            return self.q[:, j0:j1].astype(np.float32) * s
+        s = self.scale[j0:j1, None] if self.axis == 0 else self.scale[None, :]
+        return (self.q[j0:j1].astype(np.float32) * s).T
+
+    def _blocked_matmul(self, x2: np.ndarray) -> np.ndarray:
+        """x2 [N, K] @ self [K, M] with BLAS, dequantizing _BLOCK values at a time: a prefill through
+        GPT-2's head would otherwise build the whole float32 matrix (154 MB) on every call."""
+        K_, M = self.shape
+        out = np.empty((x2.shape[0], M), np.float32)
+        step = max(1, _BLOCK // max(K_, 1))
+        for j0 in range(0, M, step):
+            j1 = min(M, j0 + step)
+            out[:, j0:j1] = x2 @ self._columns(j0, j1)
+        return out
 
 
 def quantize_matrix(w: np.ndarray, axis: int) -> Int8Weight:
@@ -94,13 +114,12 @@ def quantized_names(shapes) -> dict[str, int]:
 
 def quantize_model(model_dir: str | Path, out: str | Path, *, force: bool = False) -> dict:
     """Write an int8 copy of a checkpoint dir to `out`. Returns {"fp32_bytes", "int8_bytes"}."""
-    from .checkpoint import atomic_write_json, load_model, read_config, write_safetensors
+    from .checkpoint import load_model, read_config, write_safetensors
+    from .files import atomic_write_json, claim_out, file_set
     src, out = Path(model_dir), Path(out)
     cfg = read_config(src)
     if cfg.get("quantization"):
         raise NpgptError(f"{src} is already quantized")
-    if (out / "model.safetensors").exists() and not force:
-        raise NpgptError(f"{out} already holds a model; use --force to overwrite it")
     model = load_model(src)
     axes = quantized_names(model.shapes)
     tensors = []
@@ -110,14 +129,14 @@ def quantize_model(model_dir: str | Path, out: str | Path, *, force: bool = Fals
             tensors += [(name + ".q", qw.q), (name + ".scale", qw.scale)]
         else:
             tensors.append((name, np.ascontiguousarray(model.params[name], np.float32)))
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "model.safetensors", tensors, {"format": "npgpt", "quantization": SCHEME})
-    if model.tokenizer is not None:
-        model.tokenizer.save(out)
-    atomic_write_json(out / "config.json", {
-        "model": cfg["model"], "tokenizer": cfg.get("tokenizer"),
-        "quantization": {"scheme": SCHEME, "source": str(src)},
-        "provenance": {**cfg.get("provenance", {}), "quantized_from": str(src)}})
+    with claim_out(out, "checkpoint", force), file_set(out) as stage:
+        write_safetensors(stage / "model.safetensors", tensors, {"format": "npgpt", "quantization": SCHEME})
+        if model.tokenizer is not None:
+            model.tokenizer.save(stage)
+        atomic_write_json(stage / "config.json", {
+            "model": cfg["model"], "tokenizer": cfg.get("tokenizer"),
+            "quantization": {"scheme": SCHEME, "source": str(src)},
+            "provenance": {**(cfg.get("provenance") or {}), "quantized_from": str(src)}})
     return {"fp32_bytes": model.flat.nbytes, "int8_bytes": sum(t.nbytes for _, t in tensors)}
 
 

@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from .chat import encode_chat, fit_context, pad_batch, pairs, read_demos, read_preferences, read_split, start_model
-from .checkpoint import atomic_write_json, load_model, load_safetensors, read_config, save_checkpoint, write_safetensors
+from .checkpoint import load_head, load_model, read_config, save_checkpoint
+from .config import check_fields
 from .errors import NpgptError
+from .files import claim_out
 from .finetune import TaskHead
 from .model import GPT
-from .optim import AdamW, joint_clip, lr_at
+from .optim import AdamW, first_non_finite, grad_norm, joint_clip, lr_at
 from .params import decay_mask
 
 
@@ -40,6 +42,11 @@ class RewardConfig:
     grad_clip: float = 1.0
     val_fraction: float = 0.05   # held out of --data when no --val file is given
     seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self, learning_rate="positive", min_lr="nonneg", batch_size="count", epochs="count",
+                     warmup_fraction="unit", weight_decay="nonneg", grad_clip="nonneg", val_fraction="fraction",
+                     seed="index")
 
 
 class RewardModel:
@@ -128,74 +135,88 @@ def train_reward(model_dir, data_file, out_dir, cfg: RewardConfig | None = None,
     cfg = cfg or RewardConfig()
     stream = stream or sys.stderr
     out = Path(out_dir)
-    rng = np.random.default_rng(cfg.seed)
-    recs, val_recs, skipped = read_split(read_preferences, data_file, val_file, cfg.val_fraction, skip_bad, rng)
-    rm = RewardModel(start_model(model_dir, out, force, cfg.seed), seed=cfg.seed)
-    enc = lambda rs: [{"seqs": [rm.encode(r["prompt"], x) for x in r["responses"]], "ranking": r["ranking"]}  # noqa: E731
-                      for r in rs]
-    train_items, val_items = enc(recs), enc(val_recs)
-    if demos_file is not None:
-        demos = [d for d in read_demos(demos_file, skip_bad)[0] if d[-1]["role"] == "assistant"]
-        demo_seqs = [rm.encode(d[:-1], d[-1]["content"]) for d in demos]
-        demo_source = str(demos_file)
-    else:
-        demo_seqs = [it["seqs"][it["ranking"][0]] for it in train_items]
-        demo_source = "best-ranked training responses"
-    n_pairs = sum(len(r["ranking"]) * (len(r["ranking"]) - 1) // 2 for r in recs)
-    if not quiet:
-        print(f"npgpt reward train: {len(train_items)} prompts, {n_pairs} pairs ({len(val_items)} prompts held out"
-              + (f", {skipped} bad skipped" if skipped else "") + f"), {cfg.epochs} epochs", file=stream, flush=True)
-
-    model, head = rm.model, rm.head
-    opt = AdamW(model.flat, decay_mask(model.config), weight_decay=cfg.weight_decay)
-    hopt = AdamW(head.flat, np.r_[np.ones(head.params["head.weight"].size, np.uint8), 0], weight_decay=cfg.weight_decay)
-    total = math.ceil(len(train_items) / cfg.batch_size) * cfg.epochs
-    warmup = max(1, int(cfg.warmup_fraction * total))
-    history, best, best_state, step = [], None, None, 0
-    for epoch in range(cfg.epochs):
-        order = rng.permutation(len(train_items))
-        losses, accs = [], []
-        for b0 in range(0, len(order), cfg.batch_size):
-            seqs, groups = _batch(rm, [train_items[i] for i in order[b0:b0 + cfg.batch_size]])
-            model.zero_grad()
-            head.grad.fill(0)
-            r, backward = rm.forward(seqs, train=True, rng=rng)
-            loss, dr, acc = pairwise_loss(r, groups)
-            if not math.isfinite(loss):
-                raise NpgptError(f"loss became {loss} at epoch {epoch + 1}, step {step + 1}")
-            backward(dr)
-            lr = lr_at(step, cfg.learning_rate, cfg.min_lr, warmup, total)
-            clip = joint_clip(cfg.grad_clip, model.grad, head.grad)
-            opt.step(model.grad, lr, 0.0 if clip is None else clip[0])
-            hopt.step(head.grad, lr, 0.0 if clip is None else clip[1])
-            losses.append(loss)
-            accs.append(acc)
-            step += 1
-        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "train_acc": float(np.mean(accs))}
-        if val_items:
-            rec["val_acc"], rec["val_loss"] = pair_accuracy(rm, val_items)
-        history.append(rec)
+    with claim_out(out, "checkpoint", force):
+        rng = np.random.default_rng(cfg.seed)
+        recs, val_recs, skipped = read_split(read_preferences, data_file, val_file, cfg.val_fraction, skip_bad, rng)
+        rm = RewardModel(start_model(model_dir, cfg.seed), seed=cfg.seed)
+        enc = lambda rs: [{"seqs": [rm.encode(r["prompt"], x) for x in r["responses"]], "ranking": r["ranking"]}  # noqa: E731
+                          for r in rs]
+        train_items, val_items = enc(recs), enc(val_recs)
+        if demos_file is not None:
+            demos = [d for d in read_demos(demos_file, skip_bad)[0] if d[-1]["role"] == "assistant"]
+            if not demos:
+                raise NpgptError(f"{demos_file}: no demonstration ends with an assistant message, so none can set "
+                                 f"the reward model's zero")
+            demo_seqs = [rm.encode(d[:-1], d[-1]["content"]) for d in demos]
+            demo_source = str(demos_file)
+        else:
+            demo_seqs = [it["seqs"][it["ranking"][0]] for it in train_items]
+            demo_source = "best-ranked training responses"
+        n_pairs = sum(len(r["ranking"]) * (len(r["ranking"]) - 1) // 2 for r in recs)
         if not quiet:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}, train pair acc "
-                  f"{rec['train_acc']:.4f}" + (f", val pair acc {rec['val_acc']:.4f}, val loss {rec['val_loss']:.4f}"
-                                               if val_items else ""), file=stream, flush=True)
-        if best is None or rec.get("val_acc", 0) >= best.get("val_acc", 0):
-            best, best_state = rec, (model.flat.copy(), head.flat.copy())
-    model.flat[:], head.flat[:] = best_state
-    # InstructGPT's normalisation: demonstrations score 0 on average
-    offset = float(rm.score(demo_seqs).mean())
-    head.params["head.bias"][0] -= offset
-    save_reward_model(out, rm, {**dataclasses.asdict(cfg), "history": history, "skipped": skipped,
-                                "normalised_on": demo_source, "bias_shift": -offset, "base": str(model_dir)})
-    return {"epochs": history, "best": best, "skipped": skipped, "bias_shift": -offset}
+            print(f"npgpt reward train: {len(train_items)} prompts, {n_pairs} pairs ({len(val_items)} prompts held out"
+                  + (f", {skipped} bad skipped" if skipped else "") + f"), {cfg.epochs} epochs", file=stream, flush=True)
+
+        model, head = rm.model, rm.head
+        opt = AdamW(model.flat, decay_mask(model.config), weight_decay=cfg.weight_decay)
+        hopt = AdamW(head.flat, np.r_[np.ones(head.params["head.weight"].size, np.uint8), 0], weight_decay=cfg.weight_decay)
+        total = math.ceil(len(train_items) / cfg.batch_size) * cfg.epochs
+        warmup = max(1, int(cfg.warmup_fraction * total))
+        history, best, best_state, step = [], None, None, 0
+        for epoch in range(cfg.epochs):
+            order = rng.permutation(len(train_items))
+            losses, accs = [], []
+            for b0 in range(0, len(order), cfg.batch_size):
+                seqs, groups = _batch(rm, [train_items[i] for i in order[b0:b0 + cfg.batch_size]])
+                model.zero_grad()
+                head.grad.fill(0)
+                r, backward = rm.forward(seqs, train=True, rng=rng)
+                loss, dr, acc = pairwise_loss(r, groups)
+                backward(dr)
+                lr = lr_at(step, cfg.learning_rate, cfg.min_lr, warmup, total)
+                norm = math.hypot(grad_norm(model.grad), grad_norm(head.grad))
+                bad = first_non_finite(reward=float(np.sum(r, dtype=np.float64)), loss=loss, gradient_norm=norm)
+                if bad:
+                    raise NpgptError(f"{bad} at epoch {epoch + 1}, step {step + 1}; stopped without saving anything")
+                clip = joint_clip(cfg.grad_clip, model.grad, head.grad)
+                opt.step(model.grad, lr, 0.0 if clip is None else clip[0])
+                hopt.step(head.grad, lr, 0.0 if clip is None else clip[1])
+                losses.append(loss)
+                accs.append(acc)
+                step += 1
+            rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "train_acc": float(np.mean(accs))}
+            if val_items:
+                rec["val_acc"], rec["val_loss"] = pair_accuracy(rm, val_items)
+                if not math.isfinite(rec["val_loss"]):
+                    raise NpgptError(f"validation loss became {rec['val_loss']} after epoch {epoch + 1}; stopped "
+                                     f"without saving anything")
+            history.append(rec)
+            if not quiet:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}, train pair acc "
+                      f"{rec['train_acc']:.4f}" + (f", val pair acc {rec['val_acc']:.4f}, val loss {rec['val_loss']:.4f}"
+                                                   if val_items else ""), file=stream, flush=True)
+            if best is None or rec.get("val_acc", 0) >= best.get("val_acc", 0):
+                best, best_state = rec, (model.flat.copy(), head.flat.copy())
+        model.flat[:], head.flat[:] = best_state
+        # InstructGPT's normalisation: demonstrations score 0 on average
+        offset = float(rm.score(demo_seqs).mean())
+        if not math.isfinite(offset):
+            raise NpgptError(f"the demonstrations' mean reward is {offset}; the reward model was not saved")
+        head.params["head.bias"][0] -= offset
+        save_reward_model(out, rm, {**dataclasses.asdict(cfg), "history": history, "skipped": skipped,
+                                    "normalised_on": demo_source, "bias_shift": -offset, "base": str(model_dir)})
+        return {"epochs": history, "best": best, "skipped": skipped, "bias_shift": -offset}
 
 
 def save_reward_model(out: Path, rm: RewardModel, info: dict, kind: str = "reward"):
-    save_checkpoint(out, rm.model, provenance={"created_by": f"npgpt {kind}"})
-    write_safetensors(Path(out) / "head.safetensors", [(n, rm.head.params[n]) for n, _ in rm.head.shapes])
-    conf = read_config(out)
-    conf[kind] = info
-    atomic_write_json(Path(out) / "config.json", conf)
+    """A reward (or value) model: the body, head.safetensors and config section `kind`, as one atomic set."""
+    save_checkpoint(out, rm.model, **reward_files(rm, info, kind))
+
+
+def reward_files(rm: RewardModel, info: dict, kind: str = "reward") -> dict:
+    """What distinguishes a reward model's checkpoint from its body's: the head file and a config section."""
+    return {"sections": {"provenance": {"created_by": f"npgpt {kind}"}, kind: info},
+            "heads": {"head.safetensors": [(n, rm.head.params[n]) for n, _ in rm.head.shapes]}}
 
 
 def load_reward_model(model_dir, *, mmap: bool = True) -> RewardModel:
@@ -204,7 +225,9 @@ def load_reward_model(model_dir, *, mmap: bool = True) -> RewardModel:
     if "reward" not in conf and "value" not in conf:
         raise NpgptError(f"{model_dir} is not a reward model (no scalar head); run `npgpt reward train` first")
     model = load_model(model_dir, mmap=mmap)
-    tensors, _ = load_safetensors(Path(model_dir) / "head.safetensors", mmap=False)
+    tensors = load_head(model_dir)
+    if "head.weight" not in tensors or "head.bias" not in tensors or tensors["head.weight"].ndim != 2:
+        raise NpgptError(f"{model_dir}/head.safetensors is not a scalar head")
     head = TaskHead(tensors["head.weight"].shape[0], 1, dtype=tensors["head.weight"].dtype)
     head.params["head.weight"][...] = tensors["head.weight"]
     head.params["head.bias"][...] = tensors["head.bias"]

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from .chat import encode_chat, fit_context, pad_batch, read_demos, read_split, start_model
-from .checkpoint import atomic_write_json, read_config, save_checkpoint
+from .checkpoint import save_checkpoint
+from .config import check_fields
 from .errors import NpgptError
-from .optim import AdamW, lr_at
+from .files import claim_out
+from .optim import AdamW, first_non_finite, grad_norm, lr_at
 from .params import decay_mask
 
 
@@ -34,6 +36,11 @@ class SFTConfig:
     grad_clip: float = 1.0
     val_fraction: float = 0.05   # held out of --data when no --val file is given
     seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self, learning_rate="positive", min_lr="nonneg", batch_size="count", epochs="count",
+                     warmup_fraction="unit", weight_decay="nonneg", grad_clip="nonneg", val_fraction="fraction",
+                     seed="index")
 
 
 def encode_demos(model, convs: list[list[dict]]) -> tuple[list[tuple[list[int], list[int]]], int]:
@@ -67,50 +74,54 @@ def sft(model_dir, data_file, out_dir, cfg: SFTConfig | None = None, *, val_file
     cfg = cfg or SFTConfig()
     stream = stream or sys.stderr
     out = Path(out_dir)
-    rng = np.random.default_rng(cfg.seed)
-    demos, val_demos, skipped = read_split(read_demos, data_file, val_file, cfg.val_fraction, skip_bad, rng)
-    model = start_model(model_dir, out, force, cfg.seed)
-    train_seqs, cut = encode_demos(model, demos)
-    val_seqs, _ = encode_demos(model, val_demos)
-    if not train_seqs:
-        raise NpgptError(f"{data_file}: no demonstration has response tokens inside the context")
-    if not quiet:
-        print(f"npgpt sft: {len(train_seqs)} demonstrations ({len(val_seqs)} held out for validation"
-              + (f", {skipped} bad skipped" if skipped else "") + (f", {cut} cut to the context" if cut else "")
-              + f"), {cfg.epochs} epochs", file=stream, flush=True)
-
-    opt = AdamW(model.flat, decay_mask(model.config), weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_seqs) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, int(cfg.warmup_fraction * total))
-    history, best, step = [], None, 0
-    for epoch in range(cfg.epochs):
-        order = rng.permutation(len(train_seqs))
-        losses = []
-        for b0 in range(0, len(order), cfg.batch_size):
-            x, y, _ = pad_batch([train_seqs[i] for i in order[b0:b0 + cfg.batch_size]])
-            model.zero_grad()
-            loss = model.loss(x, y, train=True, rng=rng)
-            if not math.isfinite(loss):
-                raise NpgptError(f"loss became {loss} at epoch {epoch + 1}, step {step + 1}")
-            model.backward()
-            opt.step(model.grad, lr_at(step, cfg.learning_rate, cfg.min_lr, warmup, total), cfg.grad_clip)
-            losses.append(loss)
-            step += 1
-        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
-        if val_seqs:
-            rec["val_loss"] = response_loss(model, val_seqs)
-        history.append(rec)
+    with claim_out(out, "checkpoint", force):
+        rng = np.random.default_rng(cfg.seed)
+        demos, val_demos, skipped = read_split(read_demos, data_file, val_file, cfg.val_fraction, skip_bad, rng)
+        model = start_model(model_dir, cfg.seed)
+        train_seqs, cut = encode_demos(model, demos)
+        val_seqs, _ = encode_demos(model, val_demos)
+        if not train_seqs:
+            raise NpgptError(f"{data_file}: no demonstration has response tokens inside the context")
         if not quiet:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}"
-                  + (f", val loss {rec['val_loss']:.4f}" if val_seqs else ""), file=stream, flush=True)
-        if best is None or "val_loss" not in rec or rec["val_loss"] <= best["val_loss"]:  # no val: the last
-            best = rec
-            save_checkpoint(out, model, provenance={"created_by": "npgpt sft", "base": str(model_dir)})
-            conf = read_config(out)
-            conf["sft"] = {**dataclasses.asdict(cfg), "history": history, "skipped": skipped}
-            atomic_write_json(out / "config.json", conf)
-    return {"epochs": history, "best": best, "skipped": skipped, "cut": cut}
+            print(f"npgpt sft: {len(train_seqs)} demonstrations ({len(val_seqs)} held out for validation"
+                  + (f", {skipped} bad skipped" if skipped else "") + (f", {cut} cut to the context" if cut else "")
+                  + f"), {cfg.epochs} epochs", file=stream, flush=True)
+
+        opt = AdamW(model.flat, decay_mask(model.config), weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(train_seqs) / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        warmup = max(1, int(cfg.warmup_fraction * total))
+        history, best, step = [], None, 0
+        for epoch in range(cfg.epochs):
+            order = rng.permutation(len(train_seqs))
+            losses = []
+            for b0 in range(0, len(order), cfg.batch_size):
+                x, y, _ = pad_batch([train_seqs[i] for i in order[b0:b0 + cfg.batch_size]])
+                model.zero_grad()
+                loss = model.loss(x, y, train=True, rng=rng)
+                model.backward()
+                norm = grad_norm(model.grad)
+                bad = first_non_finite(loss=loss, gradient_norm=norm)
+                if bad:
+                    raise NpgptError(f"{bad} at epoch {epoch + 1}, step {step + 1}; stopped without saving it")
+                opt.step(model.grad, lr_at(step, cfg.learning_rate, cfg.min_lr, warmup, total), cfg.grad_clip, norm)
+                losses.append(loss)
+                step += 1
+            rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
+            if val_seqs:
+                rec["val_loss"] = response_loss(model, val_seqs)
+                if not math.isfinite(rec["val_loss"]):
+                    raise NpgptError(f"validation loss became {rec['val_loss']} after epoch {epoch + 1}; stopped "
+                                     f"without saving it")
+            history.append(rec)
+            if not quiet:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}"
+                      + (f", val loss {rec['val_loss']:.4f}" if val_seqs else ""), file=stream, flush=True)
+            if best is None or "val_loss" not in rec or rec["val_loss"] <= best["val_loss"]:  # no val: the last
+                best = rec
+                save_checkpoint(out, model, provenance={"created_by": "npgpt sft", "base": str(model_dir)},
+                                sections={"sft": {**dataclasses.asdict(cfg), "history": history, "skipped": skipped}})
+        return {"epochs": history, "best": best, "skipped": skipped, "cut": cut}
 
 
 __all__ = ["SFTConfig", "sft", "encode_demos", "response_loss"]

@@ -148,3 +148,25 @@ def test_resume_of_nothing_and_of_another_kind_of_dir(shakespeare_data, tmp_path
         npgpt.train(shakespeare_data, shakespeare_data, overrides=TINY, resume=True, quiet=True)
     with pytest.raises(NpgptError, match="holds prepared data"):
         npgpt.train(shakespeare_data, shakespeare_data, overrides=TINY, force=True, quiet=True)
+
+
+def test_non_finite_gradient_at_a_checkpoint_step_never_reaches_the_weights(shakespeare_data, tmp_path, monkeypatch):
+    """The loss of the step is finite, one gradient entry overflows, and the step is a checkpoint step: the
+    update is refused, the previous checkpoint is kept and what the error says about it is true."""
+    from npgpt.checkpoint import load_model
+    from npgpt.model import GPT
+    calls = {"n": 0}
+    real = GPT.backward
+
+    def backward(self, *a, **k):
+        real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 8:
+            self.grad[0] = np.inf
+
+    monkeypatch.setattr(GPT, "backward", backward)
+    out = tmp_path / "run"
+    with pytest.raises(NpgptError, match=r"gradient norm became inf at step 8; .* last good checkpoint"):
+        npgpt.train(shakespeare_data, out, overrides=TINY, quiet=True)
+    assert json.loads((out / "state.json").read_text())["step"] == 4
+    assert np.isfinite(load_model(out).flat).all()

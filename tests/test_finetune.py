@@ -34,7 +34,7 @@ def test_special_tokens_extend_the_vocabulary():
     np.testing.assert_array_equal(model.params["wte.weight"][:V], base.params["wte.weight"])
     x = np.array([[1, 2, 3]])
     np.testing.assert_allclose(model.forward(x)[..., :V], base.forward(x), atol=1e-6)  # old logits unchanged
-    assert model.tokenizer.encode("<|extract|>") == [ids["<|extract|>"]]
+    assert model.tokenizer.tk.token_to_id("<|extract|>") == ids["<|extract|>"]  # (text never encodes to it)
 
 
 def test_input_transformations():
@@ -118,6 +118,14 @@ def test_finetune_learns_a_task_and_predicts(tmp_path):
     ('{"label": 1}\n', "classify", r":1: missing field 'text'"),
     ('{"context": "q", "choices": ["a", "b"], "label": 3}\n', "choice", r":1: label 3 is out of range"),
     ("", "classify", "no records"),
+    ('{"text": 5, "label": "a"}\n', "classify", r":1: field 'text' must be a string"),
+    ('{"text": "a", "label": [1]}\n', "classify", r":1: label must be a non-empty string or an integer"),
+    ('{"context": "q", "choices": [1, 2], "label": 0}\n', "choice", r":1: choices must be a list of 2 or more strings"),
+    ('{"context": "q", "choices": ["a", ""], "label": 0}\n', "choice", r":1: choice 1 is empty"),
+    ('{"context": "q", "choices": ["a", "b"], "label": true}\n', "choice", r":1: label must be an integer index"),
+    ('{"context": "q", "choices": ["a", "b"], "label": 0}\n{"context": "q", "choices": ["a", "b", "c"], "label": 0}\n',
+     "choice", r":2: 3 choices, but line 1 has 2"),
+    ('{"premise": "a", "hypothesis": "\\udc80", "label": 0}\n', "entail", r":1: a string holds a lone surrogate"),
 ])
 def test_bad_task_files(tmp_path, content, task, match):
     f = tmp_path / "d.jsonl"
@@ -129,11 +137,50 @@ def test_bad_task_files(tmp_path, content, task, match):
             read_task_file(f, task)
 
 
+def test_training_files_need_labels(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"context": "q", "choices": ["a", "b"], "label": 1},
+                                          {"context": "q", "choices": ["a", "b"]}])
+    assert len(read_task_file(f, "choice")) == 2  # a prediction file
+    with pytest.raises(NpgptError, match=r"d.jsonl:2: missing field 'label'"):
+        read_task_file(f, "choice", labelled=True)
+    # finetune reads its files before it loads the model (the old code crashed on y_train with a KeyError)
+    with pytest.raises(NpgptError, match=r"d.jsonl:2: missing field 'label'"):
+        finetune(tmp_path / "no-model", "choice", f, f, tmp_path / "out")
+
+
 def test_csv_and_tsv(tmp_path):
     (tmp_path / "d.tsv").write_text("premise\thypothesis\tlabel\nab\tc\tyes\n")
     assert read_task_file(tmp_path / "d.tsv", "entail")[0]["hypothesis"] == "c"
     (tmp_path / "d.csv").write_text("context,choice0,choice1,label\nq,a,b,1\n")
     assert read_task_file(tmp_path / "d.csv", "choice")[0]["choices"] == ["a", "b"]
+    (tmp_path / "d.csv").write_text('text,label\n"a, \nb",x\n\nc,\n')  # quoted newline, blank line, no label
+    assert read_task_file(tmp_path / "d.csv", "classify") == [{"text": "a, \nb", "label": "x", "_line": 3},
+                                                             {"text": "c", "_line": 5}]
+
+
+def test_csv_choice_columns_in_numeric_order(tmp_path):
+    """choice10 sorts before choice2 by name; the label indexes the columns by their number."""
+    header = "context," + ",".join(f"choice{i}" for i in range(11)) + ",label\n"
+    (tmp_path / "d.csv").write_text(header + "q," + ",".join(f"ans{i}" for i in range(11)) + ",2\n")
+    r = read_task_file(tmp_path / "d.csv", "choice")[0]
+    assert r["choices"] == [f"ans{i}" for i in range(11)] and r["choices"][r["label"]] == "ans2"
+
+
+@pytest.mark.parametrize("content,match", [
+    ("context,choice0,choice1,label\nq,,b,1\n", r"d.csv:2: choice 0 is empty"),  # was dropped: labels shifted
+    ("context,choice0,choice1,label\nq,a,b,1,EXTRA\n", r"d.csv:2: 5 fields, but the header has 4"),
+    ("context,choice0,choice1,label\nq,a,b\n", r"d.csv:2: 3 fields, but the header has 4"),
+    ("context,choice0,choice2,label\nq,a,b,1\n", r"choice0, choice1, \.\.\. .*found choice0, choice2"),
+    ("context,choice0,choice1,label\nq,a,b,1_0\n", r"d.csv:2: label must be an integer index"),
+    ("context,choice0,choice0,label\nq,a,b,1\n", r"d.csv:1: column 'choice0' appears twice"),
+])
+def test_bad_csv_choice_files(tmp_path, content, match):
+    (tmp_path / "d.csv").write_text(content)
+    with pytest.raises(NpgptError, match=match):
+        read_task_file(tmp_path / "d.csv", "choice")
+    (tmp_path / "d.csv").write_bytes(b"text,label\nab,x\n\xff,y\n")
+    with pytest.raises(NpgptError, match=r"d.csv:3: not valid UTF-8"):
+        read_task_file(tmp_path / "d.csv", "classify")
 
 
 def test_cli_finetune_bad_data_names_the_line(tmp_path):

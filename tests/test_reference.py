@@ -25,6 +25,8 @@ from npgpt.model import GPT  # noqa: E402
 from npgpt.optim import AdamW  # noqa: E402
 from npgpt.params import decay_mask, make_views, param_shapes  # noqa: E402
 
+from conftest import require  # noqa: E402
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE_NAMES = ["pre_bias", "post_bias", "pre_nobias", "post_nobias_small"]
 
@@ -209,7 +211,7 @@ LIVE = {  # name -> (config, B, T, seed); seeds differ from the fixtures'
 
 @pytest.mark.parametrize("name", list(LIVE))
 def test_live_against_torch(name):
-    pytest.importorskip("torch")
+    require("torch")
     import make_fixtures as mf
     import torch_ref
 
@@ -240,7 +242,7 @@ def test_live_against_torch(name):
 
 
 def test_live_adamw_alone():
-    pytest.importorskip("torch")
+    require("torch")
     import make_fixtures as mf
 
     fx = {"meta": {"shapes": mf.ADAMW_SHAPES, "optim": mf.OPTIM}, "t": mf.adamw_case(99)}
@@ -249,7 +251,7 @@ def test_live_adamw_alone():
 
 
 def test_live_torch_model_matches_names():
-    pytest.importorskip("torch")
+    require("torch")
     import torch_ref
 
     for cfg, *_ in LIVE.values():

@@ -57,7 +57,7 @@ def test_chat_template_masks_and_targets():
     conv3 = conv + [{"role": "user", "content": "e"}, {"role": "assistant", "content": "f"}]
     assert sum(encode_chat(m, conv3)[1]) == 3 + 2 and sum(encode_chat(m, conv3, train_on="last")[1]) == 2
     # four new single-id tokens; an SFT model given them again keeps its vocabulary
-    assert m.tokenizer.encode("<|end|>") == [E]
+    assert m.tokenizer.tk.token_to_id("<|end|>") == E and len({U, A, E}) == 3
     assert m.config.vocab_size == Tokenizer.train_char([ALPHABET]).vocab_size + 4
     assert add_chat_tokens(m).config.vocab_size == m.config.vocab_size
 
@@ -338,7 +338,7 @@ def test_ppo_ptx_mixes_the_pretraining_loss(rlhf_files, tmp_path):
     sft(d / "base", d / "demos.jsonl", tmp_path / "sft", SFTConfig(epochs=1), quiet=True)
     train_reward(tmp_path / "sft", d / "prefs.jsonl", tmp_path / "rm", RewardConfig(), quiet=True)
     (tmp_path / "text.txt").write_text("the cat and the dog sat in the sun under a tree. " * 40)
-    prepare([tmp_path / "text.txt"], tmp_path / "ptx", "char")
+    prepare([tmp_path / "text.txt"], tmp_path / "ptx", Tokenizer.load(d / "base", "char"))
     r = ppo(tmp_path / "sft", tmp_path / "rm", d / "prompts.txt", tmp_path / "ppo",
             PPOConfig(iterations=1, batch_size=2, minibatch_size=2, max_new_tokens=8, ptx_coef=0.5),
             ptx_data=tmp_path / "ptx", quiet=True)
@@ -358,3 +358,162 @@ def test_command_errors_are_one_line(rlhf_files, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
     r = run_cli("generate", "--chat", "hi", "--model", d / "base")
     assert r.returncode == 1 and "no chat tokens" in r.stderr
+
+
+# ---------------------------------------------------------------- reliability of the RL jobs
+PPO_TINY = dict(iterations=4, batch_size=2, minibatch_size=2, ppo_epochs=1, max_new_tokens=6, ckpt_interval=2)
+
+
+@pytest.fixture(scope="module")
+def sft_and_rm(rlhf_files, tmp_path_factory):
+    from npgpt.reward import RewardConfig, train_reward
+    from npgpt.sft import SFTConfig, sft
+    d = tmp_path_factory.mktemp("sftrm")
+    sft(rlhf_files / "base", rlhf_files / "demos.jsonl", d / "sft", SFTConfig(epochs=1), quiet=True)
+    train_reward(d / "sft", rlhf_files / "prefs.jsonl", d / "rm", RewardConfig(), quiet=True)
+    return d
+
+
+def ppo_records(out):
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in recs]
+
+
+def test_ppo_killed_at_any_point_resumes_exactly(rlhf_files, sft_and_rm, tmp_path):
+    import os
+    import signal
+    import npgpt.files as F
+    from npgpt.ppo import PPOConfig, ppo
+    d, m = rlhf_files, sft_and_rm
+    cfg = PPOConfig(**PPO_TINY, temperature=0.8)
+    run = lambda out, **kw: ppo(m / "sft", m / "rm", d / "prompts.txt", out, cfg, quiet=True, **kw)  # noqa: E731
+    run(tmp_path / "ref")
+    ref = ppo_records(tmp_path / "ref")
+    ref_w = npgpt_load(tmp_path / "ref").flat
+    os.environ["NPGPT_CRASH_AT"] = "1000000000"
+    F._crash_count = 0
+    try:
+        run(tmp_path / "count")
+        points = F._crash_count
+    finally:
+        del os.environ["NPGPT_CRASH_AT"]
+    for n in np.random.default_rng(1).integers(2, points + 1, size=6):
+        out = tmp_path / f"k{n}"
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.environ["NPGPT_CRASH_AT"] = str(n)
+                F._crash_count = 0
+                run(out)
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        if (out / "state.json").exists() or (out / F.COMMIT).exists():
+            run(out, resume=True)
+        else:  # killed before the first checkpoint: nothing to resume, start again
+            with pytest.raises(NpgptError, match="nothing to resume"):
+                run(out, resume=True)
+            run(out, force=True)
+        assert ppo_records(out) == ref, n
+        np.testing.assert_array_equal(npgpt_load(out).flat, ref_w)
+        assert (out / "value" / "head.safetensors").is_file()
+
+
+def npgpt_load(path):
+    from npgpt.checkpoint import load_model
+    return load_model(path)
+
+
+def test_ppo_refuses_ptx_data_of_another_tokenizer(rlhf_files, sft_and_rm, tmp_path):
+    from npgpt.data import prepare
+    from npgpt.ppo import PPOConfig, ppo
+    (tmp_path / "text.txt").write_text("ZYXW vuts 0123 " * 200)
+    prepare([tmp_path / "text.txt"], tmp_path / "ptx", "char")
+    with pytest.raises(NpgptError, match="not tokenized with the policy's tokenizer"):
+        ppo(sft_and_rm / "sft", sft_and_rm / "rm", rlhf_files / "prompts.txt", tmp_path / "ppo",
+            PPOConfig(**PPO_TINY, ptx_coef=1.0), ptx_data=tmp_path / "ptx", quiet=True)
+
+
+def test_logprobs_at_a_temperature_and_their_gradient():
+    tok = Tokenizer.train_char([ALPHABET])
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=tok.vocab_size), seed=0,
+                dtype=np.float64)
+    x = np.array([[1, 2, 3, 4, 5]])
+    y = np.array([[2, 3, -1, 5, 6]])
+    T = 0.7
+    lp = model.logprobs(x, y, temperature=T)
+    z = model.forward(x)[0] / T
+    ref = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+    np.testing.assert_allclose(lp[0], np.where(y[0] >= 0, ref[np.arange(5), np.maximum(y[0], 0)], 0), atol=1e-12)
+    w = np.array([[0.3, -1.0, 0.0, 2.0, 0.5]])
+    model.zero_grad()
+    model.logprobs(x, y, temperature=T)
+    model.backward(dlogp=w)
+    coords = [0, 7, 40, model.flat.size - 1]
+    num = numeric_grad(lambda: float((model.logprobs(x, y, temperature=T) * w).sum()), model.flat, coords)
+    np.testing.assert_allclose(model.grad[coords], num, rtol=1e-6, atol=1e-9)
+
+
+def test_dpo_policy_runs_without_dropout_so_equal_weights_give_log_2(rlhf_files, tmp_path):
+    from npgpt.checkpoint import load_model
+    from npgpt.dpo import DPOConfig, dpo
+    base = load_model(rlhf_files / "base")
+    dropped = GPT(GPTConfig(**{**base.config.__dict__, "dropout": 0.3}), np.array(base.flat), tokenizer=base.tokenizer)
+    save_checkpoint(tmp_path / "base", dropped)
+    r = dpo(tmp_path / "base", rlhf_files / "prefs.jsonl", tmp_path / "dpo",
+            DPOConfig(learning_rate=1e-12, min_lr=0.0, val_fraction=0), quiet=True)
+    assert abs(r["epochs"][0]["train_loss"] - math.log(2)) < 1e-5
+    assert json.loads((tmp_path / "dpo" / "config.json").read_text())["model"]["dropout"] == 0.3
+
+
+def test_reward_model_never_saved_with_a_nan_and_ppo_stops_on_one(rlhf_files, sft_and_rm, tmp_path, monkeypatch):
+    from npgpt import reward
+    from npgpt.checkpoint import write_safetensors
+    from npgpt.ppo import PPOConfig, ppo
+    import shutil
+    demos = write_jsonl(tmp_path / "d.jsonl", ['{"messages": [{"role": "assistant", "content": "hail"}, '
+                                               '{"role": "user", "content": "hi"}]}'])
+    with pytest.raises(NpgptError, match="no demonstration ends with an assistant message"):
+        reward.train_reward(sft_and_rm / "sft", rlhf_files / "prefs.jsonl", tmp_path / "rm1", demos_file=demos,
+                            quiet=True)
+    assert not (tmp_path / "rm1").exists()
+    real = reward.pairwise_loss
+    monkeypatch.setattr(reward, "pairwise_loss", lambda r, g: (float("nan"),) + real(r, g)[1:])
+    with pytest.raises(NpgptError, match="loss became nan"):
+        reward.train_reward(sft_and_rm / "sft", rlhf_files / "prefs.jsonl", tmp_path / "rm2", quiet=True)
+    assert not (tmp_path / "rm2" / "model.safetensors").exists()
+    monkeypatch.undo()
+    # a reward model with a NaN bias (written by hand: npgpt refuses to write one) stops PPO at once
+    shutil.copytree(sft_and_rm / "rm", tmp_path / "rm3")
+    head = reward.load_reward_model(tmp_path / "rm3").head
+    head.params["head.bias"][0] = np.nan
+    write_safetensors(tmp_path / "rm3" / "head.safetensors", [(n, head.params[n]) for n, _ in head.shapes])
+    with pytest.raises(NpgptError, match="reward became nan at iteration 1"):
+        ppo(sft_and_rm / "sft", tmp_path / "rm3", rlhf_files / "prompts.txt", tmp_path / "ppo",
+            PPOConfig(**PPO_TINY), quiet=True)
+    assert not (tmp_path / "ppo" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("cmd, args, match", [
+    ("sft", ["--epochs", "0"], "epochs must be an integer >= 1"),
+    ("sft", ["--batch_size", "0"], "batch_size must be an integer >= 1"),
+    ("dpo", ["--epochs", "0"], "epochs must be an integer >= 1"),
+    ("dpo", ["--beta", "nan"], "beta must be a finite number > 0"),
+    ("reward", ["--epochs", "0"], "epochs must be an integer >= 1"),
+    ("reward", ["--min_lr", "-1"], "min_lr must be a finite number >= 0"),
+    ("ppo", ["--iterations", "0"], "iterations must be an integer >= 1"),
+    ("ppo", ["--max_new_tokens", "0"], "max_new_tokens must be an integer >= 1"),
+    ("ppo", ["--temperature", "inf"], "temperature must be a finite number > 0"),
+    ("ppo", ["--grad_clip", "nan"], "grad_clip must be a finite number >= 0"),
+])
+def test_bad_job_settings_are_one_line_errors(rlhf_files, sft_and_rm, tmp_path, cmd, args, match):
+    d, m = rlhf_files, sft_and_rm
+    base = {"sft": ["sft", "--model", d / "base", "--data", d / "demos.jsonl"],
+            "dpo": ["dpo", "--model", m / "sft", "--data", d / "prefs.jsonl"],
+            "reward": ["reward", "train", "--model", m / "sft", "--data", d / "prefs.jsonl"],
+            "ppo": ["ppo", "--policy", m / "sft", "--reward", m / "rm", "--prompts", d / "prompts.txt"]}[cmd]
+    r = run_cli(*base, "--out", tmp_path / "out", *args)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert match in r.stderr
+    assert not (tmp_path / "out").exists()
