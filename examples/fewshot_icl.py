@@ -61,34 +61,60 @@ def eval_items(n: int, seed: int) -> list[dict]:
     return items
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="runs/fewshot")
-    ap.add_argument("--iters", type=int, default=2000)
-    ap.add_argument("--items", type=int, default=400)
-    args = ap.parse_args()
-    out = Path(args.out)
+def run_seed(out: Path, seed: int, iters: int, n_items: int, threads: int) -> dict:
+    """Pretrain with training seed `seed` and score K = 0, 1, 4, 16 with demonstrations drawn with the same
+    seed; skipped when out/fewshot.json exists (a campaign over seeds resumes where it stopped)."""
+    done = out / "fewshot.json"
+    if done.is_file():
+        return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     (out / "episodes.txt").write_text(corpus(20000, seed=0))
     npgpt.prepare([out / "episodes.txt"], out / "data", "char", val_fraction=0.05, force=True)
     subprocess.run([sys.executable, "-m", "npgpt_cli.main", "train", "--data", str(out / "data"), "--out",
-                    str(out / "model"), "--force", "--n_layer", "2", "--n_head", "4", "--n_embd", "64",
-                    "--block_size", "128", "--batch_size", "16", "--max_iters", str(args.iters),
+                    str(out / "model"), "--force", "--quiet", "--threads", str(threads), "--seed", str(seed),
+                    "--n_layer", "2", "--n_head", "4", "--n_embd", "64",
+                    "--block_size", "128", "--batch_size", "16", "--max_iters", str(iters),
                     "--learning_rate", "2e-3", "--min_lr", "2e-4", "--warmup_iters", "50", "--eval_interval",
                     "500", "--dropout", "0"], check=True)
     t_train = time.time() - t0
     model = npgpt.load(out / "model")
-    items = eval_items(args.items, seed=1)
+    items = eval_items(n_items, seed=1)
     rows = []
     for k in (0, 1, 4, 16):
-        r = eval_choice(model, items, shots=k, seed=2, template="{context}{choice}", separator=" ",
+        r = eval_choice(model, items, shots=k, seed=seed, template="{context}{choice}", separator=" ",
                         unconditional=False)
         rows.append({"shots": k, "acc": r["acc_sum"], "stderr": r["acc_sum_stderr"]})
-        print(f"K={k:<3} accuracy {r['acc_sum']:.3f} +- {r['acc_sum_stderr']:.3f}  (chance 0.0625; {args.items} "
-              f"prompts, sum log-likelihood over 16 letters, separator ' ', seed 2)", flush=True)
-    (out / "fewshot.json").write_text(json.dumps({"rows": rows, "train_seconds": t_train, "iters": args.iters},
-                                                 indent=2))
+        print(f"seed {seed} K={k:<3} accuracy {r['acc_sum']:.3f} +- {r['acc_sum_stderr']:.3f}", flush=True)
+    result = {"seed": seed, "rows": rows, "train_seconds": t_train, "iters": iters, "threads": threads}
+    done.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/fewshot")
+    ap.add_argument("--iters", type=int, default=2000)
+    ap.add_argument("--items", type=int, default=400)
+    ap.add_argument("--seeds", default="0,1,2", help="training and demonstration seeds, comma-separated")
+    # BLAS splits the long reductions of the weight gradients differently with another thread count, so the
+    # float32 sums (and from there the whole run) differ in the last bits: one thread makes the numbers
+    # the same on every machine
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    npgpt.set_threads(args.threads)
+    out = Path(args.out)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = [run_seed(out / f"seed{s}", s, args.iters, args.items, args.threads) for s in seeds]
+    acc = np.array([[r["acc"] for r in res["rows"]] for res in results])  # [seeds, K]
+    shots = [r["shots"] for r in results[0]["rows"]]
+    print(f"\n{len(seeds)} seeds ({args.items} prompts each, sum log-likelihood over 16 letters, separator ' ', "
+          f"{args.threads} thread(s)); chance 0.0625")
+    for j, k in enumerate(shots):
+        print(f"K={k:<3} mean {acc[:, j].mean():.3f}  sd {acc[:, j].std(ddof=1) if len(seeds) > 1 else 0:.3f}  "
+              f"min {acc[:, j].min():.3f}  max {acc[:, j].max():.3f}  per seed {np.round(acc[:, j], 3).tolist()}")
+    (out / "fewshot.json").write_text(json.dumps({"seeds": seeds, "shots": shots, "acc": acc.tolist(),
+                                                  "threads": args.threads}, indent=2))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -96,9 +122,10 @@ def main():
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.errorbar(range(len(rows)), [r["acc"] for r in rows], yerr=[r["stderr"] for r in rows], marker="o")
+    ax.errorbar(range(len(shots)), acc.mean(0), yerr=acc.std(0, ddof=1) if len(seeds) > 1 else None, marker="o",
+                capsize=3, label=f"mean over {len(seeds)} seeds (bars: sd)")
     ax.axhline(1 / 16, ls="--", c="gray", label="chance")
-    ax.set_xticks(range(len(rows)), [str(r["shots"]) for r in rows])
+    ax.set_xticks(range(len(shots)), [str(k) for k in shots])
     ax.set_xlabel("demonstrations in the prompt (K)"), ax.set_ylabel("accuracy"), ax.set_ylim(0, 1)
     ax.set_title("in-context learning of a per-prompt word"), ax.legend()
     fig.tight_layout()

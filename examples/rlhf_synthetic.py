@@ -12,7 +12,7 @@ time (mean score about 1.3), so SFT imitates a mediocre assistant. Comparisons b
 ranked by the rule train the reward model; PPO and DPO must then find the better behaviour. The rule is
 never shown to any model: only pairs.
 
-    python examples/rlhf_synthetic.py            # about 8 minutes on 2 cores; writes runs/rlhf/
+    python examples/rlhf_synthetic.py            # seeds 0, 1, 2, one thread; writes runs/rlhf/seedN/
 
 Prints a table of the true score and the KL to SFT, measured on held-out prompts (prompt wordings and
 subjects combined in ways no training stage saw).
@@ -138,24 +138,19 @@ def evaluate(model_dir, sft_dir, rm_dir, prompts, n=192, seed=123, max_new_token
             "tokens": float(np.mean([len(s) - p for s, p in zip(seqs, plen)])), "example": f"{ps[0]} -> {texts[0]}"}
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="runs/rlhf")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--ppo-iters", type=int, default=80)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+def run_seed(out: Path, seed: int, ppo_iters: int) -> dict:
+    """The whole pipeline with one seed (data, initialisation, batches, rollouts) in out/; skipped when
+    out/results.json exists, so a campaign over several seeds resumes where it stopped."""
     import npgpt
     from npgpt.dpo import DPOConfig, dpo
     from npgpt.ppo import PPOConfig, ppo
     from npgpt.reward import RewardConfig, train_reward
     from npgpt.sft import SFTConfig, sft
-    if args.threads:
-        npgpt.set_threads(args.threads)
-    out = Path(args.out)
+    if (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(args.seed)
-    train_prompts, held_prompts = split_prompts(args.seed)
+    rng = np.random.default_rng(seed)
+    train_prompts, held_prompts = split_prompts(seed)
     make_data(out, train_prompts, rng)
     (out / "heldout_prompts.txt").write_text("\n".join(held_prompts) + "\n")
     times = {}
@@ -165,21 +160,21 @@ def main():
     npgpt.train(out / "data", out / "pretrained", force=True, quiet=True,
                 overrides={"n_layer": 3, "n_head": 4, "n_embd": 96, "block_size": 64, "batch_size": 32,
                            "max_iters": 1500, "learning_rate": 2e-3, "min_lr": 2e-4, "dropout": 0.0,
-                           "eval_interval": 500})
+                           "eval_interval": 500, "seed": seed})
     times["pretrain"] = time.time() - t
-    print(f"pretrain: {times['pretrain']:.0f}s", flush=True)
+    print(f"seed {seed} pretrain: {times['pretrain']:.0f}s", flush=True)
 
     t = time.time()
-    sft(out / "pretrained", out / "demos.jsonl", out / "sft", SFTConfig(learning_rate=5e-4, min_lr=5e-5, epochs=3),
-        force=True, quiet=True)
+    sft(out / "pretrained", out / "demos.jsonl", out / "sft",
+        SFTConfig(learning_rate=5e-4, min_lr=5e-5, epochs=3, seed=seed), force=True, quiet=True)
     times["sft"] = time.time() - t
-    print(f"sft: {times['sft']:.0f}s", flush=True)
 
     t = time.time()
-    r = train_reward(out / "sft", out / "prefs.jsonl", out / "rm", RewardConfig(learning_rate=3e-4, epochs=2),
+    r = train_reward(out / "sft", out / "prefs.jsonl", out / "rm", RewardConfig(learning_rate=3e-4, epochs=2, seed=seed),
                      demos_file=out / "demos.jsonl", force=True, quiet=True)
     times["reward"] = time.time() - t
-    print(f"reward model: {times['reward']:.0f}s, held-out pair accuracy {r['best']['val_acc']:.3f}", flush=True)
+    print(f"seed {seed} sft: {times['sft']:.0f}s, reward model: {times['reward']:.0f}s, held-out pair accuracy "
+          f"{r['best']['val_acc']:.3f}", flush=True)
 
     rows = {"SFT": out / "sft"}
     for name, d, beta, ptx in (("PPO", "ppo", 0.02, 0.0), ("PPO-ptx", "ppo-ptx", 0.02, 1.0),
@@ -187,31 +182,58 @@ def main():
         t = time.time()
         d = out / d
         ppo(out / "sft", out / "rm", out / "prompts.txt", d,
-            PPOConfig(iterations=args.ppo_iters, batch_size=32, minibatch_size=8, learning_rate=5e-5, value_lr=1e-4,
-                      kl_coef=beta, ptx_coef=ptx, max_new_tokens=40, seed=args.seed),
+            PPOConfig(iterations=ppo_iters, batch_size=32, minibatch_size=8, learning_rate=5e-5, value_lr=1e-4,
+                      kl_coef=beta, ptx_coef=ptx, max_new_tokens=40, seed=seed),
             ptx_data=out / "data" if ptx else None, scorer=scorer, force=True, quiet=True)
         times[name] = time.time() - t
-        print(f"{name}: {times[name]:.0f}s", flush=True)
+        print(f"seed {seed} {name}: {times[name]:.0f}s", flush=True)
         rows[name] = d
 
     t = time.time()
-    dpo(out / "sft", out / "prefs.jsonl", out / "dpo", DPOConfig(learning_rate=3e-5, epochs=1), force=True, quiet=True)
+    dpo(out / "sft", out / "prefs.jsonl", out / "dpo", DPOConfig(learning_rate=3e-5, epochs=1, seed=seed), force=True,
+        quiet=True)
     times["DPO"] = time.time() - t
-    print(f"DPO: {times['DPO']:.0f}s", flush=True)
     rows["DPO"] = out / "dpo"
 
-    results = {"reward_model_val_acc": r["best"]["val_acc"], "seconds": times, "rows": {}}
-    print(f"\nheld-out prompts: {len(held_prompts)}; 192 samples per row at temperature 1; true score 0..3")
-    print(f"{'policy':<20} {'true score':>15} {'RM reward':>10} {'KL to SFT':>10} {'tokens':>7}")
+    results = {"seed": seed, "reward_model_val_acc": r["best"]["val_acc"], "seconds": times, "rows": {}}
     for name, d in rows.items():
-        e = evaluate(d, out / "sft", out / "rm", held_prompts)
-        results["rows"][name] = e
-        print(f"{name:<20} {e['true_score']:>8.3f} +- {e['true_score_se']:.3f} {e['reward']:>10.3f} {e['kl']:>10.2f} "
-              f"{e['tokens']:>7.1f}")
-    for name, e in results["rows"].items():
-        print(f"  {name}: {e['example']}")
+        results["rows"][name] = evaluate(d, out / "sft", out / "rm", held_prompts)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot(out, Path(__file__).with_name("rlhf.png"))
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/rlhf")
+    ap.add_argument("--ppo-iters", type=int, default=80)
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated; each runs the whole pipeline")
+    # BLAS splits the long reductions of the weight gradients differently with another thread count, so the
+    # float32 sums (and from there every sampled token) differ: one thread gives the same numbers everywhere
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    import npgpt
+    npgpt.set_threads(args.threads)
+    out = Path(args.out)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = [run_seed(out / f"seed{s}", s, args.ppo_iters) for s in seeds]
+    names = list(results[0]["rows"])
+    print(f"\n{len(seeds)} seeds; held-out prompts; 192 samples per row and seed at temperature 1; true score 0..3; "
+          f"{args.threads} thread(s)")
+    accs = ", ".join(f"{r['reward_model_val_acc']:.3f}" for r in results)
+    print(f"reward model held-out pair accuracy: {accs}")
+    print(f"{'policy':<20} {'true score mean (sd)':>22} {'per seed':>24} {'RM reward':>10} {'KL to SFT':>10}")
+    summary = {}
+    for name in names:
+        col = lambda k: np.array([r["rows"][name][k] for r in results])  # noqa: E731
+        ts, rw, kl = col("true_score"), col("reward"), col("kl")
+        sd = lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0  # noqa: E731
+        summary[name] = {"true_score": ts.tolist(), "reward": rw.tolist(), "kl": kl.tolist()}
+        print(f"{name:<20} {ts.mean():>14.3f} ({sd(ts):.3f}) {str(np.round(ts, 3).tolist()):>24} "
+              f"{rw.mean():>10.2f} {kl.mean():>10.1f}")
+    for name in names:
+        print(f"  {name}: {results[0]['rows'][name]['example']}")
+    (out / "results.json").write_text(json.dumps({"seeds": seeds, "threads": args.threads, "rows": summary}, indent=2))
+    plot(out / f"seed{seeds[0]}", Path(__file__).with_name("rlhf.png"))
 
 
 def plot(out: Path, png: Path):
