@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-ref bench fixtures clean experiment-gpt1 experiment-fewshot experiment-rlhf
+.PHONY: install demo test test-ref fuzz bench fixtures clean experiment-gpt1 experiment-fewshot experiment-rlhf
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,19 @@ test: $(STAMP)
 test-ref: $(STAMP)
 	$(BIN)/pip install -q -e ".[test,ref]"
 	$(BIN)/python -m pytest -q tests
+
+# Long property-based runs (tests marked fuzz, which `make test` skips; see tests/fuzzing.py):
+#   make fuzz                    FUZZ_EXAMPLES (default 2000) random examples per property
+#   make fuzz FUZZ_SECONDS=60    each property draws new rounds of examples for 60 s
+#   make fuzz FUZZ_MINUTES=30    a 30-minute campaign: the time is split evenly over the fuzz tests
+FUZZ_SECONDS ?= 0
+FUZZ_MINUTES ?=
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(STAMP)
+	@secs=$(FUZZ_SECONDS); if [ -n "$(FUZZ_MINUTES)" ]; then \
+	  n=$$($(BIN)/python -m pytest -q --collect-only -m fuzz tests | grep -c '::'); \
+	  secs=$$(( $(FUZZ_MINUTES) * 60 / (n > 0 ? n : 1) )); echo "fuzz: $$n tests, $$secs s each"; fi; \
+	NPGPT_FUZZ_SECONDS=$$secs NPGPT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -m fuzz tests
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[ref]"
