@@ -114,6 +114,8 @@ def _parse_header(raw: bytes, path: Path):
         text = raw.decode("utf-8")  # explicit: json.loads(bytes) would also take UTF-16 and UTF-32
     except UnicodeDecodeError:
         raise bad("is not UTF-8 text") from None
+    if "\0" in text:  # never valid in JSON text; UTF-16 puts one next to every ASCII character
+        raise bad("is not UTF-8 JSON (it holds NUL bytes: UTF-16?)")
     try:
         value = json.loads(text, object_pairs_hook=unique, parse_int=_json_int, parse_float=_finite_float,
                            parse_constant=_no_constant)
