@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import _as_array, atomic_open, atomic_write_json, read_safetensors_header, write_safetensors
+from .checkpoint import (_as_array, _short, atomic_open, atomic_write_bytes, atomic_write_json,
+                         read_safetensors_header, write_safetensors)
 from .config import GPTConfig
 from .errors import NpgptError
 from .params import param_shapes
@@ -24,31 +26,84 @@ from .tokenizer import Tokenizer
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
+def _shown(v) -> str:
+    """A config.json value for an error message: as JSON (null, "two", 2.5, NaN), cut short."""
+    s = json.dumps(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def _hf_int(hf: dict, key: str, default: int | None = None, minimum: int = 1) -> int:
+    """An integer field of an HF config.json (JSON true and 2.0 are not integers); `default` if absent."""
+    if key not in hf and default is not None:
+        return default
+    if key not in hf:
+        raise NpgptError(f"config.json lacks {key!r}")
+    v = hf[key]
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= minimum):
+        raise NpgptError(f"config.json: {key} must be an integer >= {minimum}, got {_shown(v)}")
+    return v
+
+
+def _hf_float(hf: dict, key: str, default: float, *, positive: bool) -> float:
+    v = hf.get(key, default)
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and (v > 0 if positive else v >= 0)):
+        raise NpgptError(f"config.json: {key} must be a finite number {'> 0' if positive else '>= 0'}, "
+                         f"got {_shown(v)}")
+    return float(v)
+
+
 def hf_config_to_npgpt(hf: dict) -> GPTConfig:
-    """GPTConfig from an HF GPT-2 config.json dict; unsupported options raise NpgptError."""
+    """GPTConfig from an HF GPT-2 config.json dict; unsupported options and values of the wrong type
+    (null, "two", 2.5, -1, NaN) raise NpgptError."""
+    if not isinstance(hf, dict):
+        raise NpgptError("config.json is not a JSON object")
     mt = hf.get("model_type", "gpt2")
     if mt != "gpt2":
-        raise NpgptError(f"model_type {mt!r} is not GPT-2; only GPT-2 checkpoints can be converted")
+        raise NpgptError(f"model_type {_short(mt)} is not GPT-2; only GPT-2 checkpoints can be converted")
     act = hf.get("activation_function", "gelu_new")
-    if act not in TANH_GELUS:
-        raise NpgptError(f"activation_function {act!r} is not supported (npgpt implements GPT-2's tanh GELU: "
-                         f"{', '.join(TANH_GELUS)})")
+    if not isinstance(act, str) or act not in TANH_GELUS:
+        raise NpgptError(f"activation_function {_short(act)} is not supported (npgpt implements GPT-2's tanh "
+                         f"GELU: {', '.join(TANH_GELUS)})")
     refuse = {"scale_attn_by_inverse_layer_idx": True, "add_cross_attention": True, "scale_attn_weights": False,
               "tie_word_embeddings": False}
     for key, bad in refuse.items():
+        if key in hf and not isinstance(hf[key], bool):  # transformers tests truthiness: null means false
+            raise NpgptError(f"config.json: {key} must be true or false, got {_shown(hf[key])}")
         if hf.get(key, not bad) == bad:
             raise NpgptError(f"{key}={bad} is not supported by npgpt")
     # reorder_and_upcast_attn only changes the precision of half-precision attention; npgpt computes in
     # float32 throughout, so it is accepted as is.
-    try:
-        return GPTConfig(n_layer=int(hf["n_layer"]), n_head=int(hf["n_head"]), n_embd=int(hf["n_embd"]),
-                         block_size=int(hf.get("n_positions", hf.get("n_ctx", 1024))),
-                         vocab_size=int(hf["vocab_size"]), ln="pre", bias=True, dropout=0.0,
-                         layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-                         init_std=float(hf.get("initializer_range", 0.02)),
-                         n_inner=int(hf.get("n_inner") or 0)).validate()
-    except KeyError as e:
-        raise NpgptError(f"config.json lacks {e.args[0]!r}") from None
+    n_inner = hf.get("n_inner")
+    return GPTConfig(n_layer=_hf_int(hf, "n_layer"), n_head=_hf_int(hf, "n_head"), n_embd=_hf_int(hf, "n_embd"),
+                     block_size=_hf_int(hf, "n_positions" if "n_positions" in hf else "n_ctx", 1024),
+                     vocab_size=_hf_int(hf, "vocab_size"), ln="pre", bias=True, dropout=0.0,
+                     layer_norm_eps=_hf_float(hf, "layer_norm_epsilon", 1e-5, positive=True),
+                     init_std=_hf_float(hf, "initializer_range", 0.02, positive=False),
+                     n_inner=0 if n_inner is None else _hf_int(hf, "n_inner")).validate()
+
+
+def _in_hf_cache(root: Path, real: Path) -> bool:
+    """Whether `real` is a file of Hugging Face's hub cache linked from the snapshot dir `root`: the cache
+    keeps files in <repo>/blobs/ and links them from <repo>/snapshots/<revision>/ (both resolved)."""
+    return root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs"
+
+
+def _shard(src: Path, name, index: Path) -> Path:
+    """The path of a shard that the index names. The index is downloaded data, so the name must stay
+    inside `src`: "../x", "/etc/x" or a symlink out of the dir would have convert-weights read any file."""
+    if not isinstance(name, str):
+        raise NpgptError(f"{index} is not a valid safetensors index (a shard name is {_shown(name)})")
+    p = Path(name)
+    if not name or "\0" in name or p.is_absolute() or ".." in p.parts:
+        raise NpgptError(f"{index.name}: shard {_short(name)} is not a file inside {src}")
+    f = src / p
+    if not f.is_file():
+        raise NpgptError(f"shard {_short(name)} listed in {index.name} is missing")
+    root, real = src.resolve(), f.resolve()
+    if not real.is_relative_to(root) and not _in_hf_cache(root, real):
+        raise NpgptError(f"{index.name}: shard {_short(name)} links to {real}, outside {src}")
+    return f
 
 
 def _weight_files(src: Path) -> list[Path]:
@@ -57,20 +112,33 @@ def _weight_files(src: Path) -> list[Path]:
         return [src / "model.safetensors"]
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError):
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError, OSError):
             raise NpgptError(f"{index} is not a valid safetensors index") from None
-        files = [src / s for s in shards]
-        for f in files:
-            if not f.is_file():
-                raise NpgptError(f"shard {f.name} listed in {index.name} is missing")
-        return files
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise NpgptError(f"{index}: weight_map must map tensor names to shard files")
+        shards: list = []
+        for s in weight_map.values():  # a list, not a set: an unhashable entry must reach _shard's check
+            if s not in shards:
+                shards.append(s)
+        return [_shard(src, s, index) for s in shards]
     if any((src / n).exists() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5")):
         raise NpgptError(f"{src} has only a pickle checkpoint (pytorch_model.bin); npgpt never unpickles files, "
                          f"because loading a pickle can run arbitrary code. Convert it to safetensors first, e.g. "
                          f"in Python with transformers: GPT2LMHeadModel.from_pretrained(dir)."
                          f"save_pretrained(out, safe_serialization=True)")
     raise NpgptError(f"{src} has no model.safetensors")
+
+
+_LAYER = re.compile(r"(?:transformer\.)?h\.(\d+)\.")
+
+
+def _check_layer_count(n_layer: int, headers) -> None:
+    """config.json's n_layer against the layers the weight files hold, before anything is built per layer
+    (n_layer: 100000000 would otherwise spend minutes listing a billion tensor shapes)."""
+    layers = {m.group(1) for _, entries, _, _ in headers for name in entries if (m := _LAYER.match(name))}
+    if n_layer != len(layers):
+        raise NpgptError(f"config.json has n_layer={n_layer}, but the weights hold {len(layers)} layers")
 
 
 def _progress(done: int, total: int, enabled: bool):
@@ -91,17 +159,18 @@ def convert_hf(src: str | Path, out: str | Path, *, force: bool = False, progres
         raise NpgptError(f"{out} already holds a model; use --force to overwrite it")
     try:
         hf = json.loads((src / "config.json").read_text())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise NpgptError(f"{src / 'config.json'} is not valid JSON") from None
     cfg = hf_config_to_npgpt(hf)
+    headers = [(f, *read_safetensors_header(f)) for f in _weight_files(src)]  # every file is validated first
+    _check_layer_count(cfg.n_layer, headers)
     shapes = param_shapes(cfg)
     want = dict(shapes)
 
     # gather every tensor's location (file, header entry) under its npgpt name
     where: dict[str, tuple[Path, dict, int]] = {}
     lm_head = None
-    for f in _weight_files(src):
-        entries, _, start = read_safetensors_header(f)
+    for f, entries, _, start in headers:
         for name, e in entries.items():
             key = name[len("transformer."):] if name.startswith("transformer.") else name
             if key.endswith(("attn.bias", "attn.masked_bias")) and key not in want:
@@ -179,6 +248,17 @@ def _hf_tokenizer(src: Path) -> Tokenizer | None:
     return None
 
 
+def _bpe_files(tok: Tokenizer) -> tuple[bytes, bytes]:
+    """vocab.json and merges.txt of a byte-level BPE tokenizer, byte for byte as the tokenizers library's
+    `model.save` writes them (which writes in place, not atomically): the vocab ordered by id, compact
+    and not ASCII-escaped; the merges in rank order after a version line."""
+    model = json.loads(tok.tk.to_str())["model"]
+    vocab = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]  # ["a", "b"] since 0.20
+    return (json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode(),
+            ("#version: 0.2\n" + "".join(m + "\n" for m in merges)).encode())
+
+
 def export_hf(model_dir: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """Write an npgpt checkpoint as a Hugging Face GPT-2 directory (config.json, model.safetensors,
     tokenizer files) that transformers' GPT2LMHeadModel loads."""
@@ -196,7 +276,9 @@ def export_hf(model_dir: str | Path, out: str | Path, *, force: bool = False) ->
     write_safetensors(out / "model.safetensors",
                       [(f"transformer.{n}", model.params[n]) for n, _ in model.shapes], {"format": "pt"})
     tok = model.tokenizer
-    eot = tok.eot_id if tok is not None and tok.eot_id is not None else cfg.vocab_size - 1
+    # BOS/EOS is <|endoftext|> where the tokenizer has one, else null: any other id is an ordinary token
+    # (a char model's last id is 'z', and transformers' generate() would stop at the first 'z')
+    eot = tok.eot_id if tok is not None else None
     atomic_write_json(out / "config.json", {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size,
@@ -209,9 +291,14 @@ def export_hf(model_dir: str | Path, out: str | Path, *, force: bool = False) ->
     if tok is not None:
         tok.save(out)
         if tok.kind in ("gpt2", "bpe"):
-            tok.tk.model.save(str(out))  # vocab.json + merges.txt
+            vocab, merges = _bpe_files(tok)
+            atomic_write_bytes(out / "vocab.json", vocab)
+            atomic_write_bytes(out / "merges.txt", merges)
+        # a char vocabulary is not GPT-2's BPE: GPT2TokenizerFast would re-split it with GPT-2's byte-level
+        # pre-tokenizer and drop the spaces; the generic class runs tokenizer.json as it is
         atomic_write_json(out / "tokenizer_config.json", {
-            "tokenizer_class": "GPT2TokenizerFast", "model_max_length": cfg.block_size,
+            "tokenizer_class": "PreTrainedTokenizerFast" if tok.kind == "char" else "GPT2TokenizerFast",
+            "model_max_length": cfg.block_size,
             **({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
                if tok.eot_id is not None else {})})
     return out
