@@ -20,6 +20,7 @@ from .checkpoint import (_as_array, _short, atomic_open, atomic_write_bytes, ato
                          read_safetensors_header, write_safetensors)
 from .config import GPTConfig
 from .errors import NpgptError
+from .files import claim_out, file_set
 from .params import param_shapes
 from .tokenizer import Tokenizer
 
@@ -155,8 +156,6 @@ def convert_hf(src: str | Path, out: str | Path, *, force: bool = False, progres
         raise NpgptError(f"source dir not found: {src}")
     if not (src / "config.json").is_file():
         raise NpgptError(f"{src} has no config.json")
-    if (out / "model.safetensors").exists() and not force:
-        raise NpgptError(f"{out} already holds a model; use --force to overwrite it")
     try:
         hf = json.loads((src / "config.json").read_text())
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -209,7 +208,6 @@ def convert_hf(src: str | Path, out: str | Path, *, force: bool = False, progres
     total = sum(math.prod(s) for _, s in shapes) * 4
     show = sys.stderr.isatty() if progress is None else progress
     show = show and total > 50_000_000
-    out.mkdir(parents=True, exist_ok=True)
     # stream tensors into the file one at a time: peak memory is one tensor, not the model
     header, off = {"__metadata__": {"format": "pt", "source": "hf"}}, 0
     for name, shape in shapes:
@@ -218,25 +216,27 @@ def convert_hf(src: str | Path, out: str | Path, *, force: bool = False, progres
         off += n
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
-    done = 0
-    with atomic_open(out / "model.safetensors") as fh:
-        fh.write(len(hb).to_bytes(8, "little"))
-        fh.write(hb)
-        for name, _ in shapes:
-            t = read(where[name])
-            fh.write(np.ascontiguousarray(t).data)
-            done += t.nbytes
-            _progress(done, total, show)
-    if show:
-        print(file=sys.stderr)
-    if tok is not None:
-        tok.save(out)
-    atomic_write_json(out / "config.json", {
-        "model": dataclasses.asdict(cfg),
-        "tokenizer": {"kind": tok.kind} if tok is not None else None,
-        "provenance": {"converted_from": str(src), "format": "hf-gpt2",
-                       "dtypes": sorted({e["dtype"] for _, e, _ in where.values()})},
-    })
+    # weights, tokenizer and config are one set, in a dir no other kind of data lives in
+    with claim_out(out, "checkpoint", force), file_set(out) as stage:
+        done = 0
+        with atomic_open(stage / "model.safetensors") as fh:
+            fh.write(len(hb).to_bytes(8, "little"))
+            fh.write(hb)
+            for name, _ in shapes:
+                t = read(where[name])
+                fh.write(np.ascontiguousarray(t).data)
+                done += t.nbytes
+                _progress(done, total, show)
+        if show:
+            print(file=sys.stderr)
+        if tok is not None:
+            tok.save(stage)
+        atomic_write_json(stage / "config.json", {
+            "model": dataclasses.asdict(cfg),
+            "tokenizer": {"kind": tok.kind} if tok is not None else None,
+            "provenance": {"converted_from": str(src), "format": "hf-gpt2",
+                           "dtypes": sorted({e["dtype"] for _, e, _ in where.values()})},
+        })
     return out
 
 
@@ -270,9 +270,14 @@ def export_hf(model_dir: str | Path, out: str | Path, *, force: bool = False) ->
     if cfg.ln != "pre" or not cfg.bias:
         raise NpgptError("only GPT-2-shaped models (pre-LN with biases) can be exported in HF GPT-2 format")
     out = Path(out)
-    if (out / "model.safetensors").exists() and not force:
-        raise NpgptError(f"{out} already holds a model; use --force to overwrite it")
-    out.mkdir(parents=True, exist_ok=True)
+    with claim_out(out, "hf", force), file_set(out) as stage:
+        _write_hf(stage, model)
+    return out
+
+
+def _write_hf(out: Path, model):
+    """The files of a Hugging Face GPT-2 dir for `model`, written into `out`."""
+    cfg = model.config
     write_safetensors(out / "model.safetensors",
                       [(f"transformer.{n}", model.params[n]) for n, _ in model.shapes], {"format": "pt"})
     tok = model.tokenizer
@@ -301,7 +306,6 @@ def export_hf(model_dir: str | Path, out: str | Path, *, force: bool = False) ->
             "model_max_length": cfg.block_size,
             **({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
                if tok.eot_id is not None else {})})
-    return out
 
 
 __all__ = ["convert_hf", "export_hf", "hf_config_to_npgpt"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import npgpt
-from conftest import run_cli
+from conftest import require, run_cli
 from npgpt.checkpoint import load_safetensors, save_checkpoint, write_safetensors
 from npgpt.config import preset
 from npgpt.convert import convert_hf, export_hf, hf_config_to_npgpt
@@ -246,7 +246,7 @@ def test_export_writes_bpe_files_atomically_and_as_the_library_does(tmp_path, mo
 
 
 def test_transformers_loads_a_char_export(tmp_path):
-    pytest.importorskip("transformers")
+    require("transformers")
     import torch
     from transformers import AutoTokenizer, GPT2LMHeadModel
     m = char_checkpoint(tmp_path / "ck")

@@ -53,6 +53,7 @@ def test_input_transformations():
 
 @pytest.mark.parametrize("task,examples,labels", [
     ("classify", [{"text": "ab c"}, {"text": "ba"}, {"text": "cab a"}], [0, 1, 2]),
+    ("entail", [{"premise": "ab c", "hypothesis": "ca"}, {"premise": "b", "hypothesis": "abc"}], [2, 0]),
     ("similar", [{"a": "ab", "b": "c"}, {"a": "b", "b": "ac"}], [1, 0]),
     ("choice", [{"context": "q", "choices": ["x", "yz", "z"]}, {"context": "qq", "choices": ["a", "b", "cc"]}], [2, 0]),
 ])

@@ -15,6 +15,8 @@ import pytest
 
 from npgpt.tokenizer import EOT, Tokenizer
 
+from conftest import require
+
 HERE = Path(__file__).resolve().parent
 FIXTURE = HERE / "fixtures" / "gpt2_tokenizer.json"
 ROWS = json.loads(FIXTURE.read_text(encoding="utf-8"))
@@ -121,7 +123,7 @@ def test_endoftext_text_is_never_the_special_id(tok):
 
 # ------------------------------------------------------------------ (b) live comparison with tiktoken
 def _tiktoken_encoding():
-    pytest.importorskip("tiktoken")
+    require("tiktoken")
     spec = importlib.util.spec_from_file_location("make_tokenizer_fixtures", HERE / "make_tokenizer_fixtures.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -112,3 +112,23 @@ def test_predict_out_file_is_not_overwritten_without_force(tmp_path):
     out.write_text("precious\n")
     r = run_cli("predict", "--model", tmp_path / "nope", tmp_path / "x.jsonl", "--out", out)
     assert r.returncode == 1 and "--force" in r.stderr and out.read_text() == "precious\n"
+
+
+def test_convert_and_export_refuse_other_kinds_of_dir(dirs, shakespeare_data, tmp_path):
+    from pathlib import Path
+    from npgpt.convert import convert_hf, export_hf
+    hf = Path(__file__).parent / "fixtures" / "hf" / "l2h4c32"
+    before = snapshot(shakespeare_data)
+    with pytest.raises(NpgptError, match="holds prepared data, not a Hugging Face model"):
+        export_hf(dirs / "ckpt", shakespeare_data, force=True)
+    with pytest.raises(NpgptError, match="holds prepared data, not a model checkpoint"):
+        convert_hf(hf, shakespeare_data, force=True)
+    assert snapshot(shakespeare_data) == before
+    export_hf(dirs / "ckpt", tmp_path / "hf")
+    with pytest.raises(NpgptError, match="already holds a Hugging Face model; use --force"):
+        export_hf(dirs / "ckpt", tmp_path / "hf")
+    with pytest.raises(NpgptError, match="holds a Hugging Face model, not a model checkpoint"):
+        convert_hf(hf, tmp_path / "hf", force=True)
+    export_hf(dirs / "ckpt", tmp_path / "hf", force=True)
+    convert_hf(tmp_path / "hf", tmp_path / "back")
+    np.testing.assert_array_equal(npgpt.load(tmp_path / "back").flat, npgpt.load(dirs / "ckpt").flat)

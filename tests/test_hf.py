@@ -15,7 +15,7 @@ from npgpt.checkpoint import load_safetensors
 from npgpt.convert import convert_hf, export_hf
 from npgpt.errors import NpgptError
 
-from conftest import run_cli
+from conftest import require, run_cli
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "hf"
 SHAPES = sorted(p.name for p in FIX.iterdir()) if FIX.is_dir() else []
@@ -179,7 +179,7 @@ def test_untied_head_is_refused(tmp_path):
 # ---------------------------------------------------------------- live, with transformers
 @pytest.mark.parametrize("k", [0, 1])
 def test_live_against_transformers(k, tmp_path):
-    pytest.importorskip("transformers")
+    require("transformers")
     import torch
     from make_hf_fixtures import SHAPES as FIXTURE_SHAPES, build, prompts_for, reference_outputs
     torch.set_num_threads(1)
@@ -228,7 +228,7 @@ def test_perplexity_matches_transformers_fixture(stride, tmp_path):
 
 @pytest.mark.parametrize("stride", [1, 17, 63, 64])
 def test_perplexity_live_against_transformers(stride, tmp_path):
-    pytest.importorskip("transformers")
+    require("transformers")
     import torch
     from make_hf_fixtures import SHAPES as FIXTURE_SHAPES, build, reference_perplexity
     from npgpt.evaluate import perplexity
