@@ -232,18 +232,8 @@ def read_prompts(path) -> list[list[dict]]:
     text with one prompt per line."""
     path = Path(path)
     if path.suffix != ".jsonl":
-        if not path.is_file():
-            raise NpgptError(f"prompt file not found: {path}")
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise NpgptError(f"cannot read {path}: {e.strerror or e}") from None
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            line = data[:e.start].count(b"\n") + 1
-            raise NpgptError(f"{path}:{line}: not valid UTF-8") from None
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        from .data import read_text
+        lines = [ln.strip() for ln in read_text(path).splitlines() if ln.strip()]
         if not lines:
             raise NpgptError(f"{path}: no prompts")
         return [prompt_messages(ln) for ln in lines]

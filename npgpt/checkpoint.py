@@ -24,7 +24,7 @@ import numpy as np
 
 from .config import GPTConfig, config_from_dict
 from .errors import NpgptError
-from .files import atomic_open, atomic_write_bytes, atomic_write_json, current, file_set  # noqa: F401
+from .files import atomic_open, atomic_write_json, current, file_set
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "BOOL": np.bool_}

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import (_as_array, _short, atomic_open, atomic_write_bytes, atomic_write_json,
-                         read_safetensors_header, write_safetensors)
+from .checkpoint import _as_array, _short, read_safetensors_header, write_safetensors
 from .config import GPTConfig
 from .errors import NpgptError
-from .files import claim_out, file_set
+from .files import atomic_open, atomic_write_bytes, atomic_write_json, claim_out, file_set
 from .params import param_shapes
 from .tokenizer import Tokenizer
 

@@ -16,15 +16,20 @@ from .tokenizer import Tokenizer, make_tokenizer
 
 
 def read_text(path: str | Path) -> str:
-    """A UTF-8 text file with newlines normalised (\\r\\n and bare \\r become \\n)."""
+    """A UTF-8 text file (a leading byte-order mark dropped) with newlines normalised (\r\n and bare \r
+    become \n). Missing, unreadable or undecodable files are an NpgptError naming file:line."""
     path = Path(path)
     if not path.is_file():
         raise NpgptError(f"input file not found: {path}")
-    raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise NpgptError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise NpgptError(f"{path}: not UTF-8 text (undecodable byte at offset {e.start})") from None
+        line = raw[:e.start].count(b"\n") + 1
+        raise NpgptError(f"{path}:{line}: not valid UTF-8 (undecodable byte at offset {e.start})") from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 

@@ -23,10 +23,9 @@ import numpy as np
 from .chat import encode_chat, fit_context, pad_batch, pairs, read_preferences, read_split, start_model
 from .checkpoint import save_checkpoint
 from .config import check_fields
-from .errors import NpgptError
 from .files import claim_out
 from .model import GPT
-from .optim import AdamW, first_non_finite, grad_norm, lr_at
+from .optim import AdamW, grad_norm, lr_at, require_finite
 from .params import decay_mask
 
 
@@ -147,9 +146,7 @@ def dpo(model_dir, data_file, out_dir, cfg: DPOConfig | None = None, *, val_file
                 np.add.at(dseq, l, gl)
                 model.backward(dlogp=dseq[:, None] * (y >= 0))  # every response token carries its sequence's gradient
                 norm = grad_norm(model.grad)
-                bad = first_non_finite(loss=loss, gradient_norm=norm)
-                if bad:
-                    raise NpgptError(f"{bad} at epoch {epoch + 1}, step {step + 1}; stopped without saving anything")
+                require_finite(f"epoch {epoch + 1}, step {step + 1}", loss=loss, gradient_norm=norm)
                 opt.step(model.grad, lr_at(step, cfg.learning_rate, cfg.min_lr, warmup, total), cfg.grad_clip, norm)
                 losses.append(loss)
                 accs.append(acc)
@@ -157,9 +154,7 @@ def dpo(model_dir, data_file, out_dir, cfg: DPOConfig | None = None, *, val_file
             rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "train_reward_acc": float(np.mean(accs))}
             if val_items:
                 rec["val_loss"], rec["val_reward_acc"] = evaluate_dpo(model, val_items, cfg.beta)
-                if not math.isfinite(rec["val_loss"]):
-                    raise NpgptError(f"validation loss became {rec['val_loss']} after epoch {epoch + 1}; stopped "
-                                     f"without saving anything")
+                require_finite(f"the end of epoch {epoch + 1}", validation_loss=rec["val_loss"])
             history.append(rec)
             if not quiet:
                 print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}, implicit reward acc "

@@ -25,7 +25,7 @@ from .config import check_fields
 from .errors import NpgptError
 from .files import claim_out
 from .model import GPT
-from .optim import AdamW, first_non_finite
+from .optim import AdamW, require_finite
 from .params import decay_mask, make_views
 
 TASKS = {"classify": ("text",), "entail": ("premise", "hypothesis"), "similar": ("a", "b"),
@@ -120,18 +120,8 @@ def _read_table(path: Path, task: str) -> list[tuple[int, dict]]:
     sorts before choice2) and "label" becomes an int."""
     import io
     import re
-    if not path.is_file():
-        raise NpgptError(f"data file not found: {path}")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise NpgptError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise NpgptError(f"{path}:{line}: not valid UTF-8") from None
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
+    from .data import read_text
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
     rows = []
     try:
         header = next(reader, None)
@@ -363,11 +353,9 @@ def finetune(model_dir, task: str, train_file, val_file, out_dir, cfg: FinetuneC
                                        train=True, rng=rng, clf_dropout=cfg.clf_dropout)
                 # one global norm over the model and the head, as one parameter set
                 norm = math.sqrt(float(np.dot(model.grad, model.grad)) + float(np.dot(head.grad, head.grad)))
-                bad = first_non_finite(loss=loss, gradient_norm=norm)
-                if bad:
-                    raise NpgptError(f"{bad} at epoch {epoch + 1}, step {step + 1}; stopped without saving it"
-                                     + (f" (the best checkpoint so far, epoch {best['epoch']}, is kept in {out})"
-                                        if best else ""))
+                require_finite(f"epoch {epoch + 1}, step {step + 1}", loss=loss, gradient_norm=norm,
+                               kept=f"the best checkpoint so far (epoch {best['epoch']}) is kept" if best else
+                               "nothing was saved")
                 scale = min(1.0, cfg.grad_clip / (norm + 1e-6)) if cfg.grad_clip > 0 else 1.0
                 if scale < 1.0:
                     model.grad *= scale

@@ -24,14 +24,14 @@ def grad_norm(grad: np.ndarray) -> float:
     return math.sqrt(float(np.dot(grad, grad)))
 
 
-def first_non_finite(**values) -> str | None:
-    """"name became value" for the first of `values` that is NaN or inf, else None. Every training loop
-    asks this of its loss, gradient norm (and reward) before an update, so a non-finite step never
-    reaches the weights or a checkpoint."""
+def require_finite(where: str, kept: str = "nothing from it is saved", **values):
+    """Every training loop asks this of its loss, gradient norm (reward, validation loss) before an
+    update or a save, so a non-finite step never reaches the weights or a checkpoint. Raises NpgptError
+    "<name> became <value> at <where>; stopped before applying it, <kept>" for the first of `values`
+    that is NaN or inf."""
     for name, v in values.items():
         if not math.isfinite(v):
-            return f"{name.replace('_', ' ')} became {v}"
-    return None
+            raise NpgptError(f"{name.replace('_', ' ')} became {v} at {where}; stopped before applying it, {kept}")
 
 
 def joint_clip(clip: float, *grads):

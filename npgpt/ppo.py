@@ -33,7 +33,7 @@ from .errors import NpgptError
 from .files import KINDS, DirLock, atomic_open, claim_out, crash_point, current, dir_kind, file_set, recover
 from .finetune import TaskHead
 from .model import GPT
-from .optim import AdamW, first_non_finite, grad_norm, joint_clip
+from .optim import AdamW, grad_norm, joint_clip, require_finite
 from .params import decay_mask
 from .reward import RewardModel, load_reward_model, reward_files
 from .sampling import generate
@@ -302,9 +302,8 @@ def _ppo(policy_dir, reward_dir, prompts, out: Path, cfg: PPOConfig, ptx_data, s
         end = chat_ids(policy)["<|end|>"]
         # the reward model reads the end token; a response cut by max_new_tokens gets one appended
         score = rm.score([(s if d else s + [end])[-policy.config.block_size:] for s, d in zip(seqs, done)])
-        bad = first_non_finite(reward=float(score.sum()), value=float((v_old * mask).sum()))
-        if bad:
-            raise NpgptError(f"{bad} at iteration {it + 1}; stopped before the update (last checkpoint kept)")
+        kept = "the last checkpoint is kept"
+        require_finite(f"iteration {it + 1}", kept, reward=float(score.sum()), value=float((v_old * mask).sum()))
         rewards, kl = kl_rewards(logp_old, logp_ref, mask, score, cfg.kl_coef)
         adv, ret = gae(rewards, v_old, mask, cfg.gamma, cfg.lam)
         adv = whiten(adv, mask)
@@ -329,12 +328,9 @@ def _ppo(policy_dir, reward_dir, prompts, out: Path, cfg: PPOConfig, ptx_data, s
                 vloss, dv = clipped_value_loss(v, v_old[mb, :T], ret[mb, :T], mm, cfg.value_clip)
                 vback(dv)
                 norm = grad_norm(policy.grad)
-                bad = first_non_finite(policy_loss=loss, ptx_loss=pt[-1] if pt else 0.0, value_loss=vloss,
-                                       policy_gradient_norm=norm,
-                                       value_gradient_norm=math.hypot(grad_norm(value.model.grad),
-                                                                      grad_norm(value.head.grad)))
-                if bad:
-                    raise NpgptError(f"{bad} at iteration {it + 1}; stopped before the update (last checkpoint kept)")
+                require_finite(f"iteration {it + 1}", kept, policy_loss=loss, ptx_loss=pt[-1] if pt else 0.0,
+                               value_loss=vloss, policy_gradient_norm=norm,
+                               value_gradient_norm=math.hypot(grad_norm(value.model.grad), grad_norm(value.head.grad)))
                 opt.step(policy.grad, cfg.learning_rate, cfg.grad_clip, norm)
                 clip = joint_clip(cfg.grad_clip, value.model.grad, value.head.grad)
                 vopt.step(value.model.grad, cfg.value_lr, 0.0 if clip is None else clip[0])

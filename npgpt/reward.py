@@ -26,7 +26,7 @@ from .errors import NpgptError
 from .files import claim_out
 from .finetune import TaskHead
 from .model import GPT
-from .optim import AdamW, first_non_finite, grad_norm, joint_clip, lr_at
+from .optim import AdamW, grad_norm, joint_clip, lr_at, require_finite
 from .params import decay_mask
 
 
@@ -175,9 +175,8 @@ def train_reward(model_dir, data_file, out_dir, cfg: RewardConfig | None = None,
                 backward(dr)
                 lr = lr_at(step, cfg.learning_rate, cfg.min_lr, warmup, total)
                 norm = math.hypot(grad_norm(model.grad), grad_norm(head.grad))
-                bad = first_non_finite(reward=float(np.sum(r, dtype=np.float64)), loss=loss, gradient_norm=norm)
-                if bad:
-                    raise NpgptError(f"{bad} at epoch {epoch + 1}, step {step + 1}; stopped without saving anything")
+                require_finite(f"epoch {epoch + 1}, step {step + 1}", reward=float(np.sum(r, dtype=np.float64)),
+                               loss=loss, gradient_norm=norm)
                 clip = joint_clip(cfg.grad_clip, model.grad, head.grad)
                 opt.step(model.grad, lr, 0.0 if clip is None else clip[0])
                 hopt.step(head.grad, lr, 0.0 if clip is None else clip[1])
@@ -187,9 +186,7 @@ def train_reward(model_dir, data_file, out_dir, cfg: RewardConfig | None = None,
             rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "train_acc": float(np.mean(accs))}
             if val_items:
                 rec["val_acc"], rec["val_loss"] = pair_accuracy(rm, val_items)
-                if not math.isfinite(rec["val_loss"]):
-                    raise NpgptError(f"validation loss became {rec['val_loss']} after epoch {epoch + 1}; stopped "
-                                     f"without saving anything")
+                require_finite(f"the end of epoch {epoch + 1}", validation_loss=rec["val_loss"])
             history.append(rec)
             if not quiet:
                 print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}, train pair acc "

@@ -20,7 +20,7 @@ from .checkpoint import save_checkpoint
 from .config import check_fields
 from .errors import NpgptError
 from .files import claim_out
-from .optim import AdamW, first_non_finite, grad_norm, lr_at
+from .optim import AdamW, grad_norm, lr_at, require_finite
 from .params import decay_mask
 
 
@@ -101,18 +101,14 @@ def sft(model_dir, data_file, out_dir, cfg: SFTConfig | None = None, *, val_file
                 loss = model.loss(x, y, train=True, rng=rng)
                 model.backward()
                 norm = grad_norm(model.grad)
-                bad = first_non_finite(loss=loss, gradient_norm=norm)
-                if bad:
-                    raise NpgptError(f"{bad} at epoch {epoch + 1}, step {step + 1}; stopped without saving it")
+                require_finite(f"epoch {epoch + 1}, step {step + 1}", loss=loss, gradient_norm=norm)
                 opt.step(model.grad, lr_at(step, cfg.learning_rate, cfg.min_lr, warmup, total), cfg.grad_clip, norm)
                 losses.append(loss)
                 step += 1
             rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
             if val_seqs:
                 rec["val_loss"] = response_loss(model, val_seqs)
-                if not math.isfinite(rec["val_loss"]):
-                    raise NpgptError(f"validation loss became {rec['val_loss']} after epoch {epoch + 1}; stopped "
-                                     f"without saving it")
+                require_finite(f"the end of epoch {epoch + 1}", validation_loss=rec["val_loss"])
             history.append(rec)
             if not quiet:
                 print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}"

@@ -75,7 +75,7 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ files
     def save(self, directory: str | Path) -> Path:
-        from .checkpoint import atomic_write_bytes
+        from .files import atomic_write_bytes
         path = Path(directory) / "tokenizer.json"
         atomic_write_bytes(path, self.tk.to_str().encode())
         return path

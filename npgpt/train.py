@@ -24,7 +24,7 @@ from .data import TokenData
 from .errors import NpgptError
 from .files import KINDS, LOCK, DirLock, atomic_open, claim_out, crash_point, current, dir_kind, recover
 from .model import GPT
-from .optim import AdamW, first_non_finite, grad_norm, lr_at
+from .optim import AdamW, grad_norm, lr_at, require_finite
 from .params import decay_mask
 from .threads import thread_info
 
@@ -144,6 +144,7 @@ def _train(data: TokenData, out: Path, preset, config_file, overrides, init, res
             print(f"resuming from step {step}", file=stream)
 
     metrics = open(out / "metrics.jsonl", "a")
+    kept = f"the last good checkpoint in {out} is kept"
 
     def log(rec):
         metrics.write(json.dumps(rec) + "\n")
@@ -152,10 +153,8 @@ def _train(data: TokenData, out: Path, preset, config_file, overrides, init, res
     def evaluate():
         tl = estimate_loss(model, data, "train", tcfg.eval_iters, B, tcfg.seed)
         vl = estimate_loss(model, data, "val", tcfg.eval_iters, B, tcfg.seed) if data.sizes["val"] > T else math.nan
-        bad = first_non_finite(train_loss=tl, **({"val_loss": vl} if data.sizes["val"] > T else {}))
-        if bad:
-            raise NpgptError(f"{bad} at the evaluation of step {step}; stopped without saving. The last good "
-                             f"checkpoint in {out} is kept")
+        require_finite(f"the evaluation of step {step}", kept, train_loss=tl,
+                       **({"val_loss": vl} if data.sizes["val"] > T else {}))
         log({"step": step, "train_loss": tl, "val_loss": vl})
         return tl, vl
 
@@ -185,10 +184,7 @@ def _train(data: TokenData, out: Path, preset, config_file, overrides, init, res
                     loss += model.loss(x, y, train=True, rng=rng) / k
                     model.backward(1.0 / k)
                 norm = grad_norm(model.grad)
-            bad = first_non_finite(loss=loss, gradient_norm=norm)
-            if bad:
-                raise NpgptError(f"{bad} at step {step + 1}; stopped without saving. The last good checkpoint in "
-                                 f"{out} is kept")
+            require_finite(f"step {step + 1}", kept, loss=loss, gradient_norm=norm)
             opt.step(model.grad, lr, tcfg.grad_clip, norm=norm)
             step += 1
             crash_point("train step")

@@ -61,7 +61,7 @@ def test_missing_empty_and_undecodable_corpus(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     assert_clean_error(run_cli("prepare", tmp_path / "empty.txt", "--out", tmp_path / "d"), "empty")
     (tmp_path / "bin.txt").write_bytes(b"abc\xff\xfedef")
-    assert_clean_error(run_cli("prepare", tmp_path / "bin.txt", "--out", tmp_path / "d"), "not UTF-8")
+    assert_clean_error(run_cli("prepare", tmp_path / "bin.txt", "--out", tmp_path / "d"), "not valid UTF-8")
     assert not (tmp_path / "d").exists()
 
 

@@ -52,7 +52,7 @@ def test_batches_are_seeded_windows(tmp_path):
     assert np.all((y1 - x1) % 26 == 1)  # consecutive letters: y is x shifted by one
 
 
-@pytest.mark.parametrize("content,match", [(b"", "empty"), (b"ok\xff\xfe", "not UTF-8")])
+@pytest.mark.parametrize("content,match", [(b"", "empty"), (b"ok\xff\xfe", "not valid UTF-8")])
 def test_bad_corpus(tmp_path, content, match):
     src = tmp_path / "a.txt"
     src.write_bytes(content)

@@ -1,8 +1,6 @@
 """Output dirs: every writer refuses a dir of another kind (even with --force), a dir of its own kind unless
 --force, and --force never leaves old and new files mixed."""
-import json
 import os
-import signal
 
 import numpy as np
 import pytest
