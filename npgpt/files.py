@@ -151,17 +151,15 @@ OWNED = ("config.json", "model.safetensors", "tokenizer.json", "head.safetensors
 
 def dir_kind(path: str | Path) -> str | None:
     """What an existing dir holds: "data", "tokenizer", "checkpoint", "run", "hf" or "other"; None when
-    it does not exist or holds nothing but npgpt's own leftovers (lock, staging, temp files)."""
+    it does not exist or holds nothing but hidden files (npgpt's lock, staging and temp files among them)."""
     d = Path(path)
     if not d.is_dir():
         if d.exists():
             raise NpgptError(f"{d} exists and is not a directory")
         return None
-    names = {p.name for p in d.iterdir()} - {LOCK, STAGE}
-    names = {n for n in names if not (n.startswith(".") and (n.endswith(".tmp") or n.startswith(".old-")))}
-    if COMMIT in names:
+    names = {p.name for p in d.iterdir() if not p.name.startswith(".")}  # hidden: ours, or .DS_Store & co
+    if (d / COMMIT).is_dir():
         names |= {p.name for p in (d / COMMIT).iterdir()}
-        names.discard(COMMIT)
     if names <= {"metrics.jsonl"}:  # a run killed before its first checkpoint: nothing to keep
         return None
     if "state.json" in names:
