@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapt import add_special_tokens
+from .checkpoint import load_model
 from .errors import NpgptError
 
 ROLES = ("system", "user", "assistant")
@@ -24,8 +26,7 @@ CHAT_SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 # ---------------------------------------------------------------- vocabulary and encoding
 def add_chat_tokens(model, seed: int = 0):
     """A writable copy of `model` whose vocabulary holds the chat tokens (kept if already there)."""
-    from .finetune import add_special_tokens
-    return add_special_tokens(model, seed, CHAT_SPECIALS)[0]
+    return add_special_tokens(model, CHAT_SPECIALS, seed)[0]
 
 
 def chat_ids(model) -> dict[str, int]:
@@ -272,7 +273,6 @@ def read_split(read, data_file, val_file, val_fraction: float, skip_bad: bool, r
 
 def start_model(model_dir, seed: int):
     """The model a chat-training command starts from: a writable copy with the chat tokens."""
-    from .checkpoint import load_model
     base = load_model(model_dir)
     if base.flat is None:
         raise NpgptError("a quantized model cannot be trained")

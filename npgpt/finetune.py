@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapt import TaskHead, add_special_tokens
 from .checkpoint import load_head, load_model, read_config, save_checkpoint
 from .config import check_fields
 from .errors import NpgptError
 from .files import claim_out
 from .model import GPT
 from .optim import AdamW, require_finite
-from .params import decay_mask, make_views
+from .params import decay_mask
 
 TASKS = {"classify": ("text",), "entail": ("premise", "hypothesis"), "similar": ("a", "b"),
          "choice": ("context", "choices")}
@@ -163,33 +164,6 @@ def label_set(examples: list[dict], path="data") -> list:
 
 
 # ---------------------------------------------------------------- vocabulary
-def add_special_tokens(model: GPT, seed: int = 0, specials=SPECIALS) -> tuple[GPT, dict[str, int]]:
-    """A writable copy of `model` whose tokenizer and embedding gain the special tokens (default GPT-1's
-    <|start|>, <|delim|>, <|extract|>; new rows ~ N(0, init_std); the tied head grows with them).
-    Tokens the model already has are reused."""
-    tok = model.tokenizer
-    if tok is None:
-        raise NpgptError("fine-tuning needs a model with a tokenizer")
-    import tokenizers
-    tk = tokenizers.Tokenizer.from_str(tok.tk.to_str())
-    tk.add_special_tokens(list(specials))
-    from .tokenizer import Tokenizer
-    new_tok = Tokenizer(tk, tok.kind)
-    ids = {s: tk.token_to_id(s) for s in specials}
-    V = max(model.config.vocab_size, max(ids.values()) + 1)
-    cfg = dataclasses.replace(model.config, vocab_size=V)
-    new = GPT(cfg, seed=seed, dtype=model.flat.dtype, tokenizer=new_tok)
-    for name, _ in model.shapes:
-        if name == "wte.weight":
-            old = model.params[name]
-            new.params[name][:old.shape[0]] = old
-            rng = np.random.default_rng(seed)
-            new.params[name][old.shape[0]:] = rng.standard_normal((V - old.shape[0], cfg.n_embd)) * cfg.init_std
-        else:
-            new.params[name][...] = model.params[name]
-    return new, ids
-
-
 def encode_example(model: GPT, task: str, ex: dict, ids: dict[str, int]) -> list[list[int]]:
     """The token sequences of one example (1, 2 for similar, or one per candidate for choice), each
     ending in the extract token; the first text field is cut from the left to fit the context. The
@@ -219,18 +193,6 @@ def encode_example(model: GPT, task: str, ex: dict, ids: dict[str, int]) -> list
 
 
 # ---------------------------------------------------------------- the head and the loss
-class TaskHead:
-    """Linear head on extract-token states: W [C, K], b [K] in one flat buffer (K = 1 for choice)."""
-
-    def __init__(self, n_embd: int, n_out: int, seed: int = 0, dtype=np.float32, std: float = 0.02):
-        self.shapes = [("head.weight", (n_embd, n_out)), ("head.bias", (n_out,))]
-        self.flat = np.zeros(n_embd * n_out + n_out, dtype)
-        self.params = make_views(self.flat, self.shapes)
-        self.params["head.weight"][...] = np.random.default_rng(seed).standard_normal((n_embd, n_out)) * std
-        self.grad = np.zeros_like(self.flat)
-        self.grads = make_views(self.grad, self.shapes)
-
-
 def task_loss(task: str, h: np.ndarray, head: TaskHead, labels: np.ndarray, n_cand: int = 0,
               drop_mask: np.ndarray | None = None):
     """Cross-entropy of the task head on extract states h [N_seq, C].
@@ -325,7 +287,7 @@ def finetune(model_dir, task: str, train_file, val_file, out_dir, cfg: FinetuneC
         base = load_model(model_dir)
         if base.flat is None:
             raise NpgptError("a quantized model cannot be fine-tuned")
-        model, ids = add_special_tokens(base, cfg.seed)
+        model, ids = add_special_tokens(base, SPECIALS, cfg.seed)
         head = TaskHead(model.config.n_embd, 1 if task == "choice" else len(labels), seed=cfg.seed)
         enc_train = [encode_example(model, task, ex, ids) for ex in train]
         enc_val = [encode_example(model, task, ex, ids) for ex in val]

@@ -31,7 +31,7 @@ from .checkpoint import load_model, write_checkpoint
 from .config import check_fields
 from .errors import NpgptError
 from .files import KINDS, DirLock, atomic_open, claim_out, crash_point, current, dir_kind, file_set, recover
-from .finetune import TaskHead
+from .adapt import TaskHead
 from .model import GPT
 from .optim import AdamW, grad_norm, joint_clip, require_finite
 from .params import decay_mask

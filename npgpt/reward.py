@@ -24,7 +24,7 @@ from .checkpoint import load_head, load_model, read_config, save_checkpoint
 from .config import check_fields
 from .errors import NpgptError
 from .files import claim_out
-from .finetune import TaskHead
+from .adapt import TaskHead
 from .model import GPT
 from .optim import AdamW, grad_norm, joint_clip, lr_at, require_finite
 from .params import decay_mask

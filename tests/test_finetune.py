@@ -21,14 +21,14 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz ?."
 def tiny(dtype=np.float32, seed=0):
     tok = Tokenizer.train_char([ALPHABET])
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=24, vocab_size=tok.vocab_size)
-    return add_special_tokens(GPT(cfg, seed=seed, dtype=dtype, tokenizer=tok))
+    return add_special_tokens(GPT(cfg, seed=seed, dtype=dtype, tokenizer=tok), SPECIALS)
 
 
 def test_special_tokens_extend_the_vocabulary():
     tok = Tokenizer.train_char([ALPHABET])
     base = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=tok.vocab_size), seed=1,
                tokenizer=tok)
-    model, ids = add_special_tokens(base)
+    model, ids = add_special_tokens(base, SPECIALS)
     V = tok.vocab_size
     assert sorted(ids.values()) == [V, V + 1, V + 2] and model.config.vocab_size == V + 3
     np.testing.assert_array_equal(model.params["wte.weight"][:V], base.params["wte.weight"])

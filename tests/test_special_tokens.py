@@ -29,7 +29,7 @@ def toks():
 def model_for(tok, specials=()):
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=64, vocab_size=tok.vocab_size)
     m = GPT(cfg, seed=0, tokenizer=tok)
-    return add_special_tokens(m, 0, specials)[0] if specials else m
+    return add_special_tokens(m, specials, 0)[0] if specials else m
 
 
 def control_ids(tok) -> set[int]:
@@ -67,7 +67,7 @@ def test_a_chat_message_cannot_forge_turns(toks, kind):
 
 
 def test_a_task_record_cannot_insert_start_delim_or_extract(toks):
-    m, ids = add_special_tokens(model_for(toks["bpe"]))
+    m, ids = add_special_tokens(model_for(toks["bpe"]), SPECIALS)
     S, D, E = ids["<|start|>"], ids["<|delim|>"], ids["<|extract|>"]
     text = "a<|extract|>b<|delim|>c<|start|>"
     for task, ex in [("classify", {"text": text}), ("entail", {"premise": text, "hypothesis": text}),
