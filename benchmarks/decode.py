@@ -1,5 +1,6 @@
-"""GPT-2 124M inference on the CPU: prefill and decode tokens/s, npgpt vs transformers, and the
-memory-bandwidth bound measured in the same run.
+"""GPT-2 124M inference on the CPU: prefill and decode tokens/s, npgpt vs llama.cpp (the engine people pick
+for CPU inference; benchmarks/llamacpp.py builds it once) and transformers, and the memory-bandwidth bound
+measured in the same run.
 
 Random weights (speed does not depend on their values). Batch 1, float32, a 512-token prompt, 128 new
 tokens, `--threads` threads for both (default 2).
@@ -101,6 +102,21 @@ def transformers_figures(hf_dir: Path, prompt: np.ndarray, n_new: int, threads: 
     return prompt.shape[1] / t_prefill, n_new / t_decode
 
 
+def llama_figures(hf_dir, threads: int):
+    """llama-bench's figures for the same weights ({type: {"pp512", "tg128"}}), or why there are none."""
+    import json
+    import subprocess
+    import sys
+    if hf_dir is None:
+        return "needs transformers and torch to convert the checkpoint"
+    try:
+        out = subprocess.run([sys.executable, str(Path(__file__).with_name("llamacpp.py")), str(hf_dir), "--threads",
+                              str(threads)], capture_output=True, text=True, check=True, timeout=3600).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -115,7 +131,7 @@ def main():
         del m
     int8_dir = CKPT.parent / "gpt2-124m-random-int8"
     if not (int8_dir / "model.safetensors").is_file():
-        from npgpt.quant import quantize_model
+        from npgpt.convert import quantize_model
         quantize_model(CKPT, int8_dir, force=True)
     model = npgpt.load(CKPT)
     prompt = np.random.default_rng(0).integers(0, 50257, (1, args.prompt))
@@ -143,6 +159,22 @@ def main():
 
     def ratio(a, b):
         return f"{a / b:.2f}x" if b else "n/a (transformers not installed)"
+
+    # against llama.cpp: its tg128 decodes from an empty context, so npgpt decodes after a short prompt
+    short = prompt[:, :8]
+    _, dec_short = npgpt_figures(model, short, args.new)
+    _, q8_dec_short = npgpt_figures(q8, short, args.new)
+    llama = llama_figures(hf_dir if hf_pre is not None else None, args.threads)
+    for name, ours, peer in ((f"decode fp32 ({args.new}, short prompt)", dec_short, ("f32", f"tg{args.new}")),
+                             (f"prefill fp32 ({args.prompt})", pre, ("f32", f"pp{args.prompt}")),
+                             (f"decode int8 ({args.new}, short prompt)", q8_dec_short, ("q8_0", f"tg{args.new}")),
+                             (f"prefill int8 ({args.prompt})", q8_pre, ("q8_0", f"pp{args.prompt}")),
+                             (f"decode 16-bit ({args.new})", None, ("f16", f"tg{args.new}"))):
+        theirs = llama.get(peer[0], {}).get(peer[1]) if isinstance(llama, dict) else None
+        ours_s = f"{ours:8.1f} tok/s" if ours else "  (no 16-bit format yet)"
+        peer_s = f"{theirs:8.1f} tok/s" if theirs else f"not available ({llama})" if isinstance(llama, str) else "n/a"
+        r = f" | ratio {ours / theirs:.2f}x" if ours and theirs else ""
+        print(f"{name:<32} npgpt {ours_s} | llama.cpp {peer[0]} {peer[1]} {peer_s}{r}", flush=True)
 
     print(f"GPT-2 124M fp32, batch 1, {args.threads} threads; weights {weight_bytes / 1e6:.0f} MB + KV cache "
           f"{kv_bytes / 1e6:.0f} MB read per token; stream bandwidth {bw / 1e9:.1f} GB/s -> bound {bound:.1f} tok/s "

@@ -56,7 +56,7 @@ def main():
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--new", "2", "--prompt", "8"],
                        check=True, capture_output=True)
     if not (int8 / "model.safetensors").is_file():
-        from npgpt.quant import quantize_model
+        from npgpt.convert import quantize_model
         quantize_model(fp32, int8, force=True)
     for name, d in (("fp32", fp32), ("int8", int8)):
         run(FIRST_TOKEN, d)  # warm the OS page cache and the Numba cache

@@ -519,7 +519,7 @@ def export(model_dir, fmt, out, force):
 @threads_option
 def quantize(model_dir, out, force):
     """Int8 weight-only quantization (one scale per output channel) for generate and eval."""
-    from npgpt.quant import quantize_model
+    from npgpt.convert import quantize_model
     r = quantize_model(model_dir, out, force=force)
     click.echo(f"wrote {out}: {r['int8_bytes'] / 1e6:,.1f} MB (float32: {r['fp32_bytes'] / 1e6:,.1f} MB)")
 

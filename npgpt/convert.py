@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import _as_array, _short, read_safetensors_header, write_safetensors
+from .checkpoint import load_model, read_config
+from .quant import SCHEME, quantize_matrix, quantized_names
+from .tensorfile import _as_array, _short, read_safetensors_header, write_safetensors
 from .config import GPTConfig
 from .errors import NpgptError
 from .files import atomic_open, atomic_write_bytes, atomic_write_json, claim_out, file_set
@@ -261,7 +263,6 @@ def _bpe_files(tok: Tokenizer) -> tuple[bytes, bytes]:
 def export_hf(model_dir: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """Write an npgpt checkpoint as a Hugging Face GPT-2 directory (config.json, model.safetensors,
     tokenizer files) that transformers' GPT2LMHeadModel loads."""
-    from .checkpoint import load_model
     model = load_model(model_dir)
     cfg = model.config
     if model.flat is None:
@@ -307,4 +308,30 @@ def _write_hf(out: Path, model):
                if tok.eot_id is not None else {})})
 
 
-__all__ = ["convert_hf", "export_hf", "hf_config_to_npgpt"]
+def quantize_model(model_dir: str | Path, out: str | Path, *, force: bool = False) -> dict:
+    """Write an int8 copy of a checkpoint dir to `out`. Returns {"fp32_bytes", "int8_bytes"}."""
+    src, out = Path(model_dir), Path(out)
+    cfg = read_config(src)
+    if cfg.get("quantization"):
+        raise NpgptError(f"{src} is already quantized")
+    model = load_model(src)
+    axes = quantized_names(model.shapes)
+    tensors = []
+    for name, _ in model.shapes:
+        if name in axes:
+            qw = quantize_matrix(model.params[name], axes[name])
+            tensors += [(name + ".q", qw.q), (name + ".scale", qw.scale)]
+        else:
+            tensors.append((name, np.ascontiguousarray(model.params[name], np.float32)))
+    with claim_out(out, "checkpoint", force), file_set(out) as stage:
+        write_safetensors(stage / "model.safetensors", tensors, {"format": "npgpt", "quantization": SCHEME})
+        if model.tokenizer is not None:
+            model.tokenizer.save(stage)
+        atomic_write_json(stage / "config.json", {
+            "model": cfg["model"], "tokenizer": cfg.get("tokenizer"),
+            "quantization": {"scheme": SCHEME, "source": str(src)},
+            "provenance": {**(cfg.get("provenance") or {}), "quantized_from": str(src)}})
+    return {"fp32_bytes": model.flat.nbytes, "int8_bytes": sum(t.nbytes for _, t in tensors)}
+
+
+__all__ = ["convert_hf", "export_hf", "hf_config_to_npgpt", "quantize_model"]

@@ -37,6 +37,7 @@ from .optim import AdamW, grad_norm, joint_clip, require_finite
 from .params import decay_mask
 from .reward import RewardModel, load_reward_model, reward_files
 from .sampling import generate
+from .tensorfile import load_safetensors
 from .train import _read_state, _truncate_metrics, read_metrics
 
 
@@ -366,7 +367,6 @@ def _ppo(policy_dir, reward_dir, prompts, out: Path, cfg: PPOConfig, ptx_data, s
 
 def _load_optimizers(out: Path, opts: dict, step: int):
     """Adam state of every optimizer of a PPO run, from the checkpoint of iteration `step`."""
-    from .checkpoint import load_safetensors
     tensors, meta = load_safetensors(current(out, "optim.safetensors"), mmap=False)
     if meta.get("step") != str(step):
         raise NpgptError(f"{out}: optimizer state is from iteration {meta.get('step')}, state.json from {step}; "

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NpgptError
+from .tensorfile import load_safetensors
 
 SCHEME = "int8-per-channel"
 _SMALL = 8  # up to this many rows the int8 kernels run; more rows dequantize in blocks and use BLAS
@@ -112,37 +113,8 @@ def quantized_names(shapes) -> dict[str, int]:
     return out
 
 
-def quantize_model(model_dir: str | Path, out: str | Path, *, force: bool = False) -> dict:
-    """Write an int8 copy of a checkpoint dir to `out`. Returns {"fp32_bytes", "int8_bytes"}."""
-    from .checkpoint import load_model, read_config, write_safetensors
-    from .files import atomic_write_json, claim_out, file_set
-    src, out = Path(model_dir), Path(out)
-    cfg = read_config(src)
-    if cfg.get("quantization"):
-        raise NpgptError(f"{src} is already quantized")
-    model = load_model(src)
-    axes = quantized_names(model.shapes)
-    tensors = []
-    for name, _ in model.shapes:
-        if name in axes:
-            qw = quantize_matrix(model.params[name], axes[name])
-            tensors += [(name + ".q", qw.q), (name + ".scale", qw.scale)]
-        else:
-            tensors.append((name, np.ascontiguousarray(model.params[name], np.float32)))
-    with claim_out(out, "checkpoint", force), file_set(out) as stage:
-        write_safetensors(stage / "model.safetensors", tensors, {"format": "npgpt", "quantization": SCHEME})
-        if model.tokenizer is not None:
-            model.tokenizer.save(stage)
-        atomic_write_json(stage / "config.json", {
-            "model": cfg["model"], "tokenizer": cfg.get("tokenizer"),
-            "quantization": {"scheme": SCHEME, "source": str(src)},
-            "provenance": {**(cfg.get("provenance") or {}), "quantized_from": str(src)}})
-    return {"fp32_bytes": model.flat.nbytes, "int8_bytes": sum(t.nbytes for _, t in tensors)}
-
-
 def load_quantized_params(path: Path, shapes) -> dict:
     """The params dict of an int8 checkpoint: float32 arrays and Int8Weight matrices (memory-mapped)."""
-    from .checkpoint import load_safetensors
     tensors, _ = load_safetensors(path, mmap=True)
     axes = quantized_names(shapes)
     params = {}
@@ -161,4 +133,4 @@ def load_quantized_params(path: Path, shapes) -> dict:
     return params
 
 
-__all__ = ["Int8Weight", "quantize_matrix", "quantize_model", "load_quantized_params", "SCHEME"]
+__all__ = ["Int8Weight", "quantize_matrix", "quantized_names", "load_quantized_params", "SCHEME"]

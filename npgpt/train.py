@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import load_model, load_safetensors, read_config, save_checkpoint
+from .checkpoint import load_model, read_config, save_checkpoint
 from .config import TrainConfig, config_from_dict, load_config_file, resolve_config
 from .data import TokenData
 from .errors import NpgptError
@@ -26,6 +26,7 @@ from .files import KINDS, LOCK, DirLock, atomic_open, claim_out, crash_point, cu
 from .model import GPT
 from .optim import AdamW, grad_norm, lr_at, require_finite
 from .params import decay_mask
+from .tensorfile import load_safetensors
 from .threads import thread_info
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from npgpt.checkpoint import (atomic_open, load_flat, load_model, load_safetensors, save_checkpoint,
-                              write_safetensors)
+from npgpt.checkpoint import load_model, save_checkpoint
+from npgpt.files import atomic_open
+from npgpt.tensorfile import load_flat, load_safetensors, write_safetensors
 from npgpt.config import preset
 from npgpt.errors import NpgptError
 from npgpt.model import GPT

@@ -13,7 +13,8 @@ import pytest
 
 import npgpt
 from conftest import require, run_cli
-from npgpt.checkpoint import load_safetensors, save_checkpoint, write_safetensors
+from npgpt.checkpoint import save_checkpoint
+from npgpt.tensorfile import load_safetensors, write_safetensors
 from npgpt.config import preset
 from npgpt.convert import convert_hf, export_hf, hf_config_to_npgpt
 from npgpt.errors import NpgptError

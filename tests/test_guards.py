@@ -46,7 +46,7 @@ def test_each_writer_refuses_a_data_dir(dirs, shakespeare_data, tmp_path):
         save_tokenizer(Tokenizer.train_bpe(["abc"], 300), shakespeare_data, force=True)
     with pytest.raises(NpgptError, match="holds prepared data, not a training run"):
         npgpt.train(shakespeare_data, shakespeare_data, force=True, quiet=True)
-    from npgpt.quant import quantize_model
+    from npgpt.convert import quantize_model
     with pytest.raises(NpgptError, match="holds prepared data, not a model checkpoint"):
         quantize_model(dirs / "ckpt", shakespeare_data, force=True)
     (tmp_path / "t.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')

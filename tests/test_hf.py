@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import npgpt
-from npgpt.checkpoint import load_safetensors
+from npgpt.tensorfile import load_safetensors
 from npgpt.convert import convert_hf, export_hf
 from npgpt.errors import NpgptError
 
@@ -114,7 +114,7 @@ def test_header_lying_about_sizes(tmp_path):
 
 
 def test_missing_tensor(tmp_path):
-    from npgpt.checkpoint import write_safetensors
+    from npgpt.tensorfile import write_safetensors
     d = copy_fixture(tmp_path)
     t, _ = load_safetensors(d / "model.safetensors", mmap=False)
     del t["transformer.h.1.mlp.c_fc.weight"]
@@ -164,7 +164,7 @@ def test_cli_bad_checkpoint_is_one_line(tmp_path):
 
 
 def test_untied_head_is_refused(tmp_path):
-    from npgpt.checkpoint import write_safetensors
+    from npgpt.tensorfile import write_safetensors
     d = copy_fixture(tmp_path)
     t, _ = load_safetensors(d / "model.safetensors", mmap=False)
     t["lm_head.weight"] = t["transformer.wte.weight"] + 1

@@ -6,7 +6,8 @@ import npgpt
 from npgpt.convert import convert_hf
 from npgpt.errors import NpgptError
 from npgpt.evaluate import perplexity
-from npgpt.quant import Int8Weight, quantize_matrix, quantize_model
+from npgpt.convert import quantize_model
+from npgpt.quant import Int8Weight, quantize_matrix
 
 from conftest import CORPUS, run_cli
 from test_hf import FIX

@@ -469,7 +469,7 @@ def test_dpo_policy_runs_without_dropout_so_equal_weights_give_log_2(rlhf_files,
 
 def test_reward_model_never_saved_with_a_nan_and_ppo_stops_on_one(rlhf_files, sft_and_rm, tmp_path, monkeypatch):
     from npgpt import reward
-    from npgpt.checkpoint import write_safetensors
+    from npgpt.tensorfile import write_safetensors
     from npgpt.ppo import PPOConfig, ppo
     import shutil
     demos = write_jsonl(tmp_path / "d.jsonl", ['{"messages": [{"role": "assistant", "content": "hail"}, '

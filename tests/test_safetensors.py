@@ -20,7 +20,7 @@ from hypothesis import given, strategies as st
 from conftest import run_cli
 from fuzzing import campaign, fuzz_settings, quick_settings
 from make_corrupt_fixtures import CASES, OUT as CORPUS, framed
-from npgpt.checkpoint import ITEMSIZE, load_safetensors, read_safetensors_header
+from npgpt.tensorfile import ITEMSIZE, load_safetensors, read_safetensors_header
 from npgpt.errors import NpgptError
 
 try:
