@@ -21,7 +21,7 @@ from npgpt_cli.main import cli  # what the console script imports
 import npgpt
 m = npgpt.load(sys.argv[1])
 first = []
-m.generate("Hello, my name is", 1, temperature=0, on_token=lambda t: first.append(time.perf_counter()))
+npgpt.generate(m, "Hello, my name is", 1, temperature=0, on_token=lambda t: first.append(time.perf_counter()))
 print(first[0] - t0, "numba" in sys.modules)
 """
 

@@ -182,7 +182,7 @@ def _read_stdin() -> str:
 def generate(prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
              num_samples, chat):
     """Generate text from PROMPT ('-' reads stdin; default: a newline). Tokens stream as they are made."""
-    from npgpt.sampling import TextStream, check_sampling
+    from npgpt.sampling import TextStream, check_sampling, generate as sample
     # everything that can fail is checked, and the prompt encoded, before the prompt is echoed
     check_sampling(temperature, top_k, top_p, repetition_penalty, list(stop), seed)
     if prompt == "-":
@@ -210,9 +210,9 @@ def generate(prompt, model, max_new_tokens, temperature, top_k, top_p, repetitio
         click.echo(shown, nl=False)
         s = None if seed is None else seed + i
         stream = TextStream(model, stop=list(stop))
-        model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       repetition_penalty=repetition_penalty, stop=list(stop) or None, eos_id=eos_id,
-                       seed=s, on_token=stream)
+        sample(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+               repetition_penalty=repetition_penalty, stop=list(stop) or None, eos_id=eos_id, seed=s,
+               on_token=stream)
         stream.close()
         click.echo()
 

@@ -3,7 +3,7 @@
     import npgpt
     model = npgpt.load("weights/shakespeare-char")        # any checkpoint dir; weights are memory-mapped
     logits = model.forward([[1, 2, 3]])                   # [B, T, V] float32
-    ids = model.generate("ROMEO:", max_new_tokens=100, temperature=0.8, seed=0)
+    ids = npgpt.generate(model, "ROMEO:", max_new_tokens=100, temperature=0.8, seed=0)
     print(model.tokenizer.decode(ids[0]))
 """
 from .checkpoint import load_model as load

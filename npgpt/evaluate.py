@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import NpgptError
 from .model import GPT
+from .sampling import cut_at_stop, generate
 
 
 def sliding_windows(n_tokens: int, block: int, stride: int):
@@ -534,7 +535,6 @@ def eval_generate(model: GPT, items: list[dict], *, shots: int = 0, seed: int = 
     The prompt gets block_size - min(max_new_tokens, block_size // 2) tokens, so that the answer is
     generated with the whole prompt in view; a longer prompt loses its earliest demonstrations, then is
     cropped from the left ("cropped" counts those items, with a warning on stderr)."""
-    from .sampling import cut_at_stop
     tok = model.tokenizer
     if tok is None:
         raise NpgptError("this model has no tokenizer")
@@ -563,7 +563,7 @@ def eval_generate(model: GPT, items: list[dict], *, shots: int = 0, seed: int = 
             raise NpgptError(f"{where}: the prompt is empty")
         if full > room:
             crop(where, full, room, block)
-        out = model.generate(ids, max_new_tokens, temperature=0, stop=["\n"])[0]
+        out = generate(model, ids, max_new_tokens, temperature=0, stop=["\n"])[0]
         # ids fit the context, so generate returned them whole: the answer is what follows them
         pred = cut_at_stop(tok.decode(out[len(ids):]), ["\n"]).strip()
         ems.append(max(float(normalize_answer(pred) == normalize_answer(a)) for a in it["answers"]))

@@ -311,9 +311,3 @@ class GPT:
         dx = dropout_backward(dx, acts["emb_mask"])
         embedding_backward(dx, acts["idx"], g["wte.weight"], g["wpe.weight"])
         self._saved = None
-
-    # ------------------------------------------------------------------ convenience
-    def generate(self, prompt, max_new_tokens: int = 100, **kwargs):
-        """Sample continuations; see npgpt.sampling.generate for the arguments."""
-        from .sampling import generate
-        return generate(self, prompt, max_new_tokens, **kwargs)

@@ -192,8 +192,9 @@ def test_demonstrations_are_dropped_before_the_question_is_cropped(capsys, monke
     m = unigram_model({"a": 5.0, "\n": 4.9}, block=48)
     items = [{"question": f"{c * 10}", "answers": ["aaaa"]} for c in "defgh"]
     prompts = []
-    real = m.generate
-    monkeypatch.setattr(m, "generate", lambda ids, *a, **k: (prompts.append(list(ids)), real(ids, *a, **k))[1])
+    import npgpt.evaluate as E
+    real = E.generate
+    monkeypatch.setattr(E, "generate", lambda model, ids, *a, **k: (prompts.append(list(ids)), real(model, ids, *a, **k))[1])
     r = eval_generate(m, items, shots=4, max_new_tokens=4)  # 4 shots of 23 tokens + 16 do not fit 44
     assert r["exact_match"] == 1.0 and r["cropped"] == 5
     for it, p in zip(items, prompts):

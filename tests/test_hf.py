@@ -14,6 +14,7 @@ import npgpt
 from npgpt.tensorfile import load_safetensors
 from npgpt.convert import convert_hf, export_hf
 from npgpt.errors import NpgptError
+from npgpt.sampling import generate
 
 from conftest import require, run_cli
 
@@ -42,7 +43,7 @@ def check_parity(model, exp):
     assert i >= 3 and exp["prompt2"].shape[1] == model.config.block_size  # one prompt fills the context
     g = exp["greedy"]
     n0 = exp["prompt0"].shape[1]
-    ours = model.generate(exp["prompt0"][0], g.shape[1] - n0, temperature=0)
+    ours = generate(model, exp["prompt0"][0], g.shape[1] - n0, temperature=0)
     np.testing.assert_array_equal(ours, g)
 
 
@@ -203,7 +204,7 @@ def test_live_against_transformers(k, tmp_path):
 def test_golden_real_gpt2(tmp_path):
     model = npgpt.load(convert_hf(os.environ["NPGPT_GPT2_DIR"], tmp_path / "gpt2"))
     assert model.num_params == 124_439_808
-    ids = model.generate([464, 3290], 18, temperature=0)
+    ids = generate(model, [464, 3290], 18, temperature=0)
     assert ids[0].tolist() == [464, 3290, 373, 1043, 287, 257, 2214, 1474, 262, 16246, 286, 2688, 290, 2688,
                                27262, 13, 198, 198, 464, 3290]
 

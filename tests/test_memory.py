@@ -16,7 +16,7 @@ if sys.argv[1] == "make":
     save_checkpoint(sys.argv[2], m)
 else:
     m = npgpt.load(sys.argv[2])
-    m.generate("Hello, my name is", 24, temperature=0.8, seed=0)
+    npgpt.generate(m, "Hello, my name is", 24, temperature=0.8, seed=0)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest) across fork + exec
     peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024
     print(peak / m.flat.nbytes, "numba" in sys.modules)

@@ -7,6 +7,7 @@ from npgpt.config import GPTConfig, preset
 from npgpt.errors import NpgptError
 from npgpt.model import GPT, KVCache
 from npgpt.params import num_params, param_shapes
+from npgpt.sampling import generate
 
 from conftest import numeric_grad
 
@@ -110,8 +111,8 @@ def test_cached_and_uncached_greedy_generation_identical():
     cfg = tiny(block_size=16, vocab_size=23, n_embd=16)
     m = GPT(cfg, seed=8)
     prompt = [1, 2, 3, 4]
-    a = m.generate(prompt, 30, temperature=0, use_cache=True)  # runs past the context: window slides
-    b = m.generate(prompt, 30, temperature=0, use_cache=False)
+    a = generate(m, prompt, 30, temperature=0, use_cache=True)  # runs past the context: window slides
+    b = generate(m, prompt, 30, temperature=0, use_cache=False)
     np.testing.assert_array_equal(a, b)
     assert len(a) == 1 and a[0].shape == (34,)
 

@@ -42,8 +42,8 @@ def test_quantized_gpt2_fixture_perplexity_within_one_percent(tmp_path):
     text = CORPUS.read_text()[20_000:24_000]
     pa, pb = perplexity(a, text, stride=32)["perplexity"], perplexity(b, text, stride=32)["perplexity"]
     assert abs(pb - pa) / pa < 0.01, (pa, pb)
-    np.testing.assert_array_equal(a.generate([5, 6, 7], 10, temperature=0)[0][:6],
-                                  b.generate([5, 6, 7], 10, temperature=0)[0][:6])
+    np.testing.assert_array_equal(npgpt.generate(a, [5, 6, 7], 10, temperature=0)[0][:6],
+                                  npgpt.generate(b, [5, 6, 7], 10, temperature=0)[0][:6])
 
 
 def test_cli_quantize_then_generate_and_refusals(tmp_path):
