@@ -45,6 +45,21 @@ def threads_option(f):
                         callback=apply, is_eager=True, help="Threads for BLAS and parallel kernels (default: $NPGPT_THREADS or all cores).")(f)
 
 
+OVERRIDES = {"ignore_unknown_options": True, "allow_extra_args": True}  # --key value config overrides
+
+
+def job_options(f):
+    """What every fine-tuning command (finetune, sft, reward train, ppo, dpo) takes besides its inputs:
+    --out, --force, --quiet, --threads, and --key value overrides of its config (the click context)."""
+    for opt in reversed([
+            click.option("--out", required=True, type=click.Path(file_okay=False), help="Output dir (a checkpoint)."),
+            click.option("--force", is_flag=True, help="Overwrite what npgpt wrote in --out before."),
+            click.option("--quiet", is_flag=True, help="No progress output."),
+            threads_option, click.pass_context]):
+        f = opt(f)
+    return f
+
+
 def model_option(f):
     """--model DIR (default: the shipped model); the command receives the loaded GPT as `model`."""
     def load(ctx, param, value):
@@ -72,28 +87,10 @@ def cli():
 @threads_option
 def prepare(inputs, out, tokenizer, val_fraction, force):
     """Tokenize text files into memory-mapped token files for training."""
-    from pathlib import Path
-
     import npgpt
-    tok = tokenizer
-    if Path(tokenizer).is_dir():
-        tok = _load_tokenizer_dir(tokenizer)
-    meta = npgpt.prepare(list(inputs), out, tok, val_fraction=val_fraction, force=force)
+    meta = npgpt.prepare(list(inputs), out, tokenizer, val_fraction=val_fraction, force=force)
     click.echo(f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
                f"{meta['tokenizer']} vocabulary of {meta['vocab_size']:,} ({meta['dtype']})")
-
-
-def _load_tokenizer_dir(path):
-    import json
-    from pathlib import Path
-
-    from npgpt.tokenizer import Tokenizer
-    kind = "bpe"
-    if (Path(path) / "meta.json").is_file():  # a data dir or `npgpt tokenizer train` output
-        kind = json.loads((Path(path) / "meta.json").read_text()).get("tokenizer", kind)
-    elif (Path(path) / "config.json").is_file():  # a checkpoint dir
-        kind = (json.loads((Path(path) / "config.json").read_text()).get("tokenizer") or {}).get("kind", kind)
-    return Tokenizer.load(path, kind)
 
 
 @cli.group(cls=_Group)
@@ -182,7 +179,7 @@ def _read_stdin() -> str:
 def generate(prompt, model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
              num_samples, chat):
     """Generate text from PROMPT ('-' reads stdin; default: a newline). Tokens stream as they are made."""
-    from npgpt.sampling import TextStream, check_sampling, generate as sample
+    from npgpt.sampling import TextStream, check_sampling, generate as sample, start_ids
     # everything that can fail is checked, and the prompt encoded, before the prompt is echoed
     check_sampling(temperature, top_k, top_p, repetition_penalty, list(stop), seed)
     if prompt == "-":
@@ -190,18 +187,13 @@ def generate(prompt, model, max_new_tokens, temperature, top_k, top_p, repetitio
     tok = model.tokenizer
     if tok is None:
         raise click.ClickException("this model has no tokenizer; cannot generate text")
-    eos_id = model.tokenizer.eot_id
-    shown = prompt or ""
+    eos_id, shown = tok.eot_id, prompt or ""
     if chat:  # the SFT template: <|user|>PROMPT<|end|><|assistant|> ... <|end|>
-        from npgpt.chat import chat_ids, encode_chat, prompt_messages
-        if not prompt:
-            raise click.ClickException("--chat needs a PROMPT (the user's message)")
-        ids = encode_chat(model, prompt_messages(prompt.strip()), generation_prompt=True)[0]
-        eos_id, shown = chat_ids(model)["<|end|>"], ""
-        stop = (*stop, "<|end|>")
-    elif not prompt:  # unconditional: start from <|endoftext|> (GPT-2) or a newline (char models)
-        ids = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n")
-        shown = "" if tok.eot_id is not None else "\n"
+        from npgpt.chat import chat_prompt
+        ids, eos_id = chat_prompt(model, prompt or "")
+        shown, stop = "", (*stop, "<|end|>")  # the end token is not printed
+    elif not prompt:  # unconditional
+        ids, shown = start_ids(model)
     else:
         ids = tok.encode(prompt)  # plain text: "<|endoftext|>" typed in a prompt is not the control token
     for i in range(num_samples):
@@ -218,16 +210,12 @@ def generate(prompt, model, max_new_tokens, temperature, top_k, top_p, repetitio
 
 
 # ---------------------------------------------------------------- fine-tuning (GPT-1)
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@cli.command(context_settings=OVERRIDES)
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Pretrained checkpoint dir.")
 @click.option("--task", required=True, type=click.Choice(["classify", "entail", "similar", "choice"]))
 @click.option("--train", "train_file", required=True, type=click.Path(dir_okay=False), help="JSONL, CSV or TSV.")
 @click.option("--val", "val_file", required=True, type=click.Path(dir_okay=False), help="JSONL, CSV or TSV.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Dir for the best checkpoint.")
-@click.option("--force", is_flag=True, help="Overwrite a model in --out.")
-@click.option("--quiet", is_flag=True)
-@threads_option
-@click.pass_context
+@job_options
 def finetune(ctx, model_dir, task, train_file, val_file, out, force, quiet):
     """GPT-1 fine-tuning with a linear head and an auxiliary LM loss. Override the GPT-1 defaults with
     --learning_rate, --batch_size, --epochs, --warmup_fraction, --lm_coef, --clf_dropout, --seed ..."""
@@ -265,17 +253,13 @@ def _skip_note(r: dict):
         click.echo(f"skipped {r['skipped']} bad records", err=True)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@cli.command(context_settings=OVERRIDES)
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Pretrained checkpoint dir.")
 @click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False),
               help='JSON lines: {"prompt", "response"} or {"messages": [...]} (also instruction/input/output).')
 @click.option("--val", "val_file", default=None, type=click.Path(dir_okay=False), help="Validation demonstrations (default: hold out --val_fraction).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Dir for the best checkpoint.")
 @click.option("--skip-bad", is_flag=True, help="Skip bad records (with a count) instead of stopping.")
-@click.option("--force", is_flag=True, help="Overwrite a model in --out.")
-@click.option("--quiet", is_flag=True)
-@threads_option
-@click.pass_context
+@job_options
 def sft(ctx, model_dir, data_file, val_file, out, skip_bad, force, quiet):
     """Supervised fine-tuning on demonstrations (loss on the responses only). Override the defaults with
     --learning_rate, --min_lr, --batch_size, --epochs, --warmup_fraction, --val_fraction, --seed ..."""
@@ -293,19 +277,15 @@ def reward():
     """Reward models: train one from comparisons, score responses."""
 
 
-@reward.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@reward.command("train", context_settings=OVERRIDES)
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="SFT checkpoint dir to start from.")
 @click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False),
               help='JSON lines: {"prompt", "chosen", "rejected"}, {"prompt", "responses", "ranking"} or HH {"chosen", "rejected"}.')
 @click.option("--val", "val_file", default=None, type=click.Path(dir_okay=False), help="Held-out comparisons (default: hold out --val_fraction).")
 @click.option("--demos", "demos_file", default=None, type=click.Path(dir_okay=False),
               help="Demonstrations that should score 0 on average (default: the best-ranked training responses).")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--skip-bad", is_flag=True, help="Skip bad records (with a count) instead of stopping.")
-@click.option("--force", is_flag=True, help="Overwrite a model in --out.")
-@click.option("--quiet", is_flag=True)
-@threads_option
-@click.pass_context
+@job_options
 def reward_train(ctx, model_dir, data_file, val_file, demos_file, out, skip_bad, force, quiet):
     """Train a reward model: -log sigmoid(r_w - r_l) over all pairs of each prompt. Override the defaults
     with --learning_rate, --batch_size, --epochs, --val_fraction, --seed ..."""
@@ -333,19 +313,15 @@ def reward_score(model_dir, file, skip_bad):
         click.echo(json.dumps(r))
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@cli.command(context_settings=OVERRIDES)
 @click.option("--policy", "policy_dir", required=True, type=click.Path(), help="SFT checkpoint dir (also the KL reference).")
 @click.option("--reward", "reward_dir", required=True, type=click.Path(), help="Reward model dir.")
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(dir_okay=False),
               help='One prompt per line, or JSON lines with "prompt".')
-@click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--ptx-data", default=None, type=click.Path(file_okay=False), help="Prepared pretraining data dir for PPO-ptx.")
 @click.option("--ptx-coef", default=None, type=click.FloatRange(min=0), help="Weight of the pretraining LM loss (default 1 with --ptx-data).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same arguments).")
-@click.option("--force", is_flag=True, help="Overwrite a run in --out.")
-@click.option("--quiet", is_flag=True)
-@threads_option
-@click.pass_context
+@job_options
 def ppo(ctx, policy_dir, reward_dir, prompts_file, out, ptx_data, ptx_coef, resume, force, quiet):
     """PPO against a reward model with a per-token KL penalty to the SFT policy (and PPO-ptx). Override
     the defaults with --iterations, --batch_size, --kl_coef, --learning_rate, --clip, --max_new_tokens ..."""
@@ -362,16 +338,12 @@ def ppo(ctx, policy_dir, reward_dir, prompts_file, out, ptx_data, ptx_coef, resu
     click.echo(f"saved {out}" + (f" (last iteration: reward {last['reward']:+.3f}, KL {last['kl']:.3f})" if last else ""))
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@cli.command(context_settings=OVERRIDES)
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="SFT checkpoint dir (also the reference).")
 @click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False), help="Comparisons, as for `reward train`.")
 @click.option("--val", "val_file", default=None, type=click.Path(dir_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--skip-bad", is_flag=True, help="Skip bad records (with a count) instead of stopping.")
-@click.option("--force", is_flag=True, help="Overwrite a model in --out.")
-@click.option("--quiet", is_flag=True)
-@threads_option
-@click.pass_context
+@job_options
 def dpo(ctx, model_dir, data_file, val_file, out, skip_bad, force, quiet):
     """Direct Preference Optimization (beta 0.1, reference = the starting model). Override the defaults
     with --beta, --learning_rate, --batch_size, --epochs ..."""

@@ -83,6 +83,22 @@ def pad_batch(seqs: list[tuple[list[int], list[int]]]):
     return x, y, last
 
 
+def chat_prompt(model, message: str) -> tuple[list[int], int]:
+    """The ids that prompt an SFT model for a reply to one user message (ending with <|assistant|>), and
+    the id of <|end|>, which ends the reply."""
+    if not message.strip():
+        raise NpgptError("a chat prompt needs the user's message")
+    return encode_chat(model, prompt_messages(message.strip()), generation_prompt=True)[0], chat_ids(model)["<|end|>"]
+
+
+def reply(model, message: str, max_new_tokens: int = 200, **sampling) -> str:
+    """The assistant's reply to one user message (an SFT model); `sampling` as for npgpt.generate."""
+    from .sampling import generate
+    ids, end = chat_prompt(model, message)
+    out = [int(t) for t in generate(model, ids, max_new_tokens, eos_id=end, **sampling)[0][len(ids):]]
+    return model.tokenizer.decode(out[:-1] if out and out[-1] == end else out)
+
+
 def prompt_messages(prompt) -> list[dict]:
     """A prompt given as text (one user turn) or as a message list."""
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)

@@ -199,6 +199,15 @@ def _prefill(model: GPT, idx, pad, cache: KVCache | None):
     return model.forward(idx, last_only=True, pad=pad)[:, -1]
 
 
+def start_ids(model: GPT) -> tuple[list[int], str]:
+    """The prompt of an unconditional sample, and the text it stands for: <|endoftext|> where the
+    vocabulary has it (GPT-2, trained BPEs; shown as nothing), else a newline (char models)."""
+    tok = model.tokenizer
+    if tok is None:
+        raise NpgptError("this model has no tokenizer; pass token ids")
+    return ([tok.eot_id], "") if tok.eot_id is not None else (tok.encode("\n"), "\n")
+
+
 def cut_at_stop(text: str, stop: list[str] | None) -> str:
     """text up to (not including) the first occurrence of any stop string."""
     cut = min((i for i in (text.find(s) for s in stop or []) if i >= 0), default=len(text))

@@ -167,8 +167,28 @@ def _plain_text_only(tk: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     return tk
 
 
+def load_tokenizer_dir(path: str | Path) -> Tokenizer:
+    """The tokenizer.json of any npgpt dir, with its kind: from meta.json (a data dir, or `npgpt tokenizer
+    train` output) or config.json (a checkpoint dir); a bare tokenizer.json is taken for a byte-level BPE."""
+    d = Path(path)
+    kind = "bpe"
+    for name, read in (("meta.json", lambda j: j.get("tokenizer")),
+                       ("config.json", lambda j: (j.get("tokenizer") or {}).get("kind"))):
+        if (d / name).is_file():
+            try:
+                found = read(json.loads((d / name).read_text()))
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                raise NpgptError(f"{d / name} is not valid JSON of an npgpt dir") from None
+            kind = found if isinstance(found, str) else kind
+            break
+    return Tokenizer.load(d, kind)
+
+
 def make_tokenizer(spec: str, texts) -> Tokenizer:
-    """Build a tokenizer from a spec: "char", "gpt2" or "bpe:N" (train a byte-level BPE of N tokens)."""
+    """Build a tokenizer from a spec: "char", "gpt2", "bpe:N" (train a byte-level BPE of N tokens), or a
+    dir holding a tokenizer.json (a data, tokenizer or checkpoint dir: reuse its vocabulary; the names
+    above win over a dir of the same name, write ./gpt2 for that)."""
+    spec = str(spec)
     if spec == "char":
         return Tokenizer.train_char(texts)
     if spec == "gpt2":
@@ -176,4 +196,6 @@ def make_tokenizer(spec: str, texts) -> Tokenizer:
     m = re.fullmatch(r"bpe:(\d+)", spec)
     if m:
         return Tokenizer.train_bpe(texts, int(m.group(1)))
-    raise NpgptError(f"unknown tokenizer {spec!r}; use char, gpt2 or bpe:N")
+    if Path(spec).is_dir():
+        return load_tokenizer_dir(spec)
+    raise NpgptError(f"unknown tokenizer {spec!r}; use char, gpt2, bpe:N or a dir holding a tokenizer.json")

@@ -517,3 +517,13 @@ def test_bad_job_settings_are_one_line_errors(rlhf_files, sft_and_rm, tmp_path, 
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert match in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_library_reply_equals_the_cli_chat(rlhf_files, sft_and_rm):
+    from npgpt.chat import reply
+    from npgpt.checkpoint import load_model
+    text = reply(load_model(sft_and_rm / "sft"), "about dog", 30, temperature=0)
+    g = run_cli("generate", "--chat", "about dog", "--model", sft_and_rm / "sft", "-t", "0", "-n", "30")
+    assert g.returncode == 0 and g.stdout.rstrip("\n") == text
+    with pytest.raises(NpgptError, match="needs the user's message"):
+        reply(load_model(sft_and_rm / "sft"), "  ")
