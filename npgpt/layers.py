@@ -1,7 +1,8 @@
 """Forward/backward pairs for every layer of a GPT, side by side.
 
 Conventions (as llm.c):
-- a forward returns its output plus whatever its backward needs (a "cache"), nothing more;
+- a forward returns its output plus whatever its backward needs beyond its input (a "cache"; linear,
+  GELU and embedding need only their input, which the model keeps), nothing more;
 - a backward takes the upstream gradient and returns the gradient of the layer input, and *adds into*
   the parameter-gradient buffers it is given, so weight tying and gradient accumulation need no extra code;
 - shapes: B batch, T time, C channels, H heads, D = C / H head size, V vocabulary, N = B * T rows.
@@ -153,10 +154,25 @@ def split_heads(qkv, n_head):
     return x[0], x[1], x[2]
 
 
+def split_heads_backward(dq, dk, dv):
+    """d{q, k, v} [B, H, T, D] -> dqkv [B, T, 3C], written in one pass."""
+    B, H, T, D = dq.shape
+    dqkv = np.empty((B, T, 3, H, D), dq.dtype)
+    for i, d in enumerate((dq, dk, dv)):
+        dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
+    return dqkv.reshape(B, T, 3 * H * D)
+
+
 def merge_heads(y):
     """y [B, H, T, D] -> [B, T, H * D]."""
     B, H, T, D = y.shape
     return y.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+
+def merge_heads_backward(dout, n_head):
+    """dout [B, T, C] -> [B, H, T, D] (a view)."""
+    B, T, C = dout.shape
+    return dout.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
 
 
 def attention_forward(q, k, v, q_offset=0, dropout=0.0, rng=None, pad=None, save=True):
@@ -194,6 +210,29 @@ def attention_forward(q, k, v, q_offset=0, dropout=0.0, rng=None, pad=None, save
     return att_d @ v, (att, mask, scale, q_offset, kstart)
 
 
+def attention_backward(dy, q, k, v, cache):
+    """dy [B, H, Tq, D] -> dq [B, H, Tq, D], dk, dv [B, H, Tk, D]."""
+    att, mask, scale, q_offset, kstart = cache
+    if att is None:  # tiled forward: recompute each tile's probabilities
+        dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+        for b, h, t0, t1, p in _attention_tiles(q, k, kstart, scale, q_offset, True):
+            n = q_offset + t1
+            dv[b, h, :n] += p.T @ dy[b, h, t0:t1]
+            ds = np.ascontiguousarray(dy[b, h, t0:t1] @ v[b, h, :n].T)[None, None]
+            K.causal_softmax_bwd(ds, p[None, None], scale, q_offset + t0, kstart[b:b + 1])
+            dq[b, h, t0:t1] = ds[0, 0] @ k[b, h, :n]
+            dk[b, h, :n] += ds[0, 0].T @ q[b, h, t0:t1]
+        return dq, dk, dv
+    att_d = att if mask is None else att * mask
+    dv = att_d.swapaxes(-1, -2) @ dy
+    datt = np.ascontiguousarray(dropout_backward(dy @ v.swapaxes(-1, -2), mask))
+    K.causal_softmax_bwd(datt, att, scale, q_offset, kstart)  # datt is now d(loss)/d(q k^T)
+    dq = datt @ k
+    dk = datt.swapaxes(-1, -2) @ q
+    return dq, dk, dv
+
+
+# the attention's tiles and softmax, used by the pair above
 ATTN_TILE = 128
 ATTN_MATERIALIZE_BYTES = 64 << 20
 
@@ -254,28 +293,6 @@ def causal_softmax(s, q_offset, kstart):
     e = np.exp(s - np.where(np.isfinite(mx), mx, 0))
     tot = e.sum(-1, keepdims=True)
     return e / np.where(tot > 0, tot, 1)
-
-
-def attention_backward(dy, q, k, v, cache):
-    """dy [B, H, Tq, D] -> dq [B, H, Tq, D], dk, dv [B, H, Tk, D]."""
-    att, mask, scale, q_offset, kstart = cache
-    if att is None:  # tiled forward: recompute each tile's probabilities
-        dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
-        for b, h, t0, t1, p in _attention_tiles(q, k, kstart, scale, q_offset, True):
-            n = q_offset + t1
-            dv[b, h, :n] += p.T @ dy[b, h, t0:t1]
-            ds = np.ascontiguousarray(dy[b, h, t0:t1] @ v[b, h, :n].T)[None, None]
-            K.causal_softmax_bwd(ds, p[None, None], scale, q_offset + t0, kstart[b:b + 1])
-            dq[b, h, t0:t1] = ds[0, 0] @ k[b, h, :n]
-            dk[b, h, :n] += ds[0, 0].T @ q[b, h, t0:t1]
-        return dq, dk, dv
-    att_d = att if mask is None else att * mask
-    dv = att_d.swapaxes(-1, -2) @ dy
-    datt = np.ascontiguousarray(dropout_backward(dy @ v.swapaxes(-1, -2), mask))
-    K.causal_softmax_bwd(datt, att, scale, q_offset, kstart)  # datt is now d(loss)/d(q k^T)
-    dq = datt @ k
-    dk = datt.swapaxes(-1, -2) @ q
-    return dq, dk, dv
 
 
 # ---------------------------------------------------------------- softmax cross-entropy

@@ -10,10 +10,10 @@ import numpy as np
 
 from .config import GPTConfig
 from .errors import NpgptError
-from .layers import (attention_backward, attention_forward, cross_entropy_backward, token_nll,
-                     dropout_backward, dropout_forward, embedding_backward, embedding_forward, gelu_backward,
-                     gelu_forward, layernorm_backward, layernorm_forward, linear_backward, linear_forward,
-                     merge_heads, split_heads)
+from .layers import (attention_backward, attention_forward, cross_entropy_backward, dropout_backward,
+                     dropout_forward, embedding_backward, embedding_forward, gelu_backward, gelu_forward,
+                     layernorm_backward, layernorm_forward, linear_backward, linear_forward, merge_heads,
+                     merge_heads_backward, split_heads, split_heads_backward, token_nll)
 from .malloc import keep_freed_memory
 from .params import init_params, make_views, param_shapes
 
@@ -184,58 +184,94 @@ class GPT:
         cfg, p = self.config, self.params
         if acts is not None and pad is not None:  # backward() does not pass pad to embedding_backward
             raise NpgptError("left padding (pad) is for inference only: not with activations kept for a backward")
-        eps, pdrop = cfg.layer_norm_eps, cfg.dropout
-        rng = acts["rng"] if acts is not None else None
-        save = acts is not None  # training: Numba kernels that keep what backward needs; else NumPy
-        pos0 = kv.length if kv is not None else 0
-        if kv is not None:
-            pad = kv.pad
-        x = embedding_forward(idx, p["wte.weight"], p["wpe.weight"], pos0, pad)
-        x, emb_mask = dropout_forward(x, pdrop, rng)
-        pre = cfg.ln == "pre"
+        run = {"kv": kv, "pos0": kv.length if kv is not None else 0, "pad": kv.pad if kv is not None else pad,
+               "rng": acts["rng"] if acts is not None else None,
+               "save": acts is not None}  # training: Numba kernels that keep what backward needs; else NumPy
+        x = embedding_forward(idx, p["wte.weight"], p["wpe.weight"], run["pos0"], run["pad"])
+        x, emb_mask = dropout_forward(x, cfg.dropout, run["rng"])
         for l in range(cfg.n_layer):
-            w = lambda name: p.get(f"h.{l}.{name}")  # noqa: E731  (None for absent biases)
             a = {}
-            # attention sublayer
-            h = x
-            if pre:
-                h, a["ln_1"] = layernorm_forward(x, w("ln_1.weight"), w("ln_1.bias"), eps, save)
-            a["attn_in"] = h
-            qkv = linear_forward(h, w("attn.c_attn.weight"), w("attn.c_attn.bias"))
-            q, k, v = split_heads(qkv, cfg.n_head)
-            if kv is not None:
-                k, v = kv.extend(l, k, v)
-            y, a["att"] = attention_forward(q, k, v, pos0, pdrop, rng, pad, save)
-            a["q"], a["k"], a["v"] = q, k, v
-            a["y"] = y = merge_heads(y)
-            out, a["drop_1"] = dropout_forward(
-                linear_forward(y, w("attn.c_proj.weight"), w("attn.c_proj.bias")), pdrop, rng)
-            x = x + out
-            if not pre:
-                x, a["ln_1"] = layernorm_forward(x, w("ln_1.weight"), w("ln_1.bias"), eps, save)
-            # MLP sublayer
-            h = x
-            if pre:
-                h, a["ln_2"] = layernorm_forward(x, w("ln_2.weight"), w("ln_2.bias"), eps, save)
-            a["mlp_in"] = h
-            a["fc"] = f = linear_forward(h, w("mlp.c_fc.weight"), w("mlp.c_fc.bias"))
-            a["gelu"] = g = gelu_forward(f, save)
-            out, a["drop_2"] = dropout_forward(
-                linear_forward(g, w("mlp.c_proj.weight"), w("mlp.c_proj.bias")), pdrop, rng)
-            x = x + out
-            if not pre:
-                x, a["ln_2"] = layernorm_forward(x, w("ln_2.weight"), w("ln_2.bias"), eps, save)
+            x = self._residual(x, l, "ln_1", self._attn_forward, a, run)
+            x = self._residual(x, l, "ln_2", self._mlp_forward, a, run)
             if acts is not None:
                 acts["layers"].append(a)
         if kv is not None:
             kv.length += idx.shape[1]
-        if pre:
-            x, ln_f = layernorm_forward(x, p["ln_f.weight"], p.get("ln_f.bias"), eps, save)
+        if cfg.ln == "pre":
+            x, ln_f = layernorm_forward(x, p["ln_f.weight"], p.get("ln_f.bias"), cfg.layer_norm_eps, run["save"])
             if acts is not None:
                 acts["ln_f"] = ln_f
         if acts is not None:
             acts["emb_mask"] = emb_mask
         return x
+
+    # ------------------------------------------------------------------ the block, as two residual lines
+    # Pre-LN (GPT-2/3): x = x + f(ln(x)).  Post-LN (GPT-1): x = ln(x + f(x)).  f is the attention, then the
+    # MLP; where the LN sits is written here once for each direction.
+    def _w(self, l: int, name: str, grads: bool = False):
+        """Layer l's parameter (or its gradient view) `name`; None for an absent bias."""
+        return (self.grads if grads else self.params).get(f"h.{l}.{name}")
+
+    def _residual(self, x, l, ln, sublayer, a, run):
+        """x [B, T, C] -> x + f(ln(x)) (pre-LN) or ln(x + f(x)) (post-LN), f = `sublayer`."""
+        eps, save = self.config.layer_norm_eps, run["save"]
+        if self.config.ln == "pre":
+            h, a[ln] = layernorm_forward(x, self._w(l, f"{ln}.weight"), self._w(l, f"{ln}.bias"), eps, save)
+            return x + sublayer(h, l, a, run)
+        x, a[ln] = layernorm_forward(x + sublayer(x, l, a, run), self._w(l, f"{ln}.weight"),
+                                     self._w(l, f"{ln}.bias"), eps, save)
+        return x
+
+    def _residual_backward(self, dx, l, ln, sublayer_backward, a):
+        """The mirror of `_residual`: d(output) [B, T, C] -> d(input); parameter gradients added."""
+        def ln_backward(d):
+            return layernorm_backward(d, a[ln], self._w(l, f"{ln}.weight"), self._w(l, f"{ln}.weight", True),
+                                      self._w(l, f"{ln}.bias", True))
+        if self.config.ln == "pre":
+            return dx + ln_backward(sublayer_backward(dx, l, a))  # the residual and the branch both feed x
+        dx = ln_backward(dx)
+        return dx + sublayer_backward(dx, l, a)
+
+    def _attn_forward(self, h, l, a, run):
+        """Causal self-attention sublayer: h [B, T, C] -> dropout(c_proj(attention(c_attn(h))))."""
+        w, cfg = self._w, self.config
+        a["attn_in"] = h
+        q, k, v = split_heads(linear_forward(h, w(l, "attn.c_attn.weight"), w(l, "attn.c_attn.bias")), cfg.n_head)
+        if run["kv"] is not None:
+            k, v = run["kv"].extend(l, k, v)
+        y, a["att"] = attention_forward(q, k, v, run["pos0"], cfg.dropout, run["rng"], run["pad"], run["save"])
+        a["q"], a["k"], a["v"] = q, k, v
+        a["y"] = y = merge_heads(y)
+        out, a["drop_1"] = dropout_forward(linear_forward(y, w(l, "attn.c_proj.weight"), w(l, "attn.c_proj.bias")),
+                                           cfg.dropout, run["rng"])
+        return out
+
+    def _attn_backward(self, dout, l, a):
+        """d(attention sublayer output) [B, T, C] -> d(h); parameter gradients added."""
+        w = self._w
+        dy = linear_backward(dropout_backward(dout, a["drop_1"]), a["y"], w(l, "attn.c_proj.weight"),
+                             w(l, "attn.c_proj.weight", True), w(l, "attn.c_proj.bias", True))
+        dq, dk, dv = attention_backward(merge_heads_backward(dy, self.config.n_head), a["q"], a["k"], a["v"], a["att"])
+        return linear_backward(split_heads_backward(dq, dk, dv), a["attn_in"], w(l, "attn.c_attn.weight"),
+                               w(l, "attn.c_attn.weight", True), w(l, "attn.c_attn.bias", True))
+
+    def _mlp_forward(self, h, l, a, run):
+        """MLP sublayer: h [B, T, C] -> dropout(c_proj(gelu(c_fc(h))))."""
+        w = self._w
+        a["mlp_in"] = h
+        a["fc"] = f = linear_forward(h, w(l, "mlp.c_fc.weight"), w(l, "mlp.c_fc.bias"))
+        a["gelu"] = g = gelu_forward(f, run["save"])
+        out, a["drop_2"] = dropout_forward(linear_forward(g, w(l, "mlp.c_proj.weight"), w(l, "mlp.c_proj.bias")),
+                                           self.config.dropout, run["rng"])
+        return out
+
+    def _mlp_backward(self, dout, l, a):
+        """d(MLP sublayer output) [B, T, C] -> d(h); parameter gradients added."""
+        w = self._w
+        dg = linear_backward(dropout_backward(dout, a["drop_2"]), a["gelu"], w(l, "mlp.c_proj.weight"),
+                             w(l, "mlp.c_proj.weight", True), w(l, "mlp.c_proj.bias", True))
+        return linear_backward(gelu_backward(dg, a["fc"]), a["mlp_in"], w(l, "mlp.c_fc.weight"),
+                               w(l, "mlp.c_fc.weight", True), w(l, "mlp.c_fc.bias", True))
 
     # ------------------------------------------------------------------ backward
     def backward(self, dloss: float = 1.0, dhidden: np.ndarray | None = None, dlogp: np.ndarray | None = None):
@@ -250,64 +286,34 @@ class GPT:
             raise RuntimeError("backward() needs a preceding loss(), logprobs() or features() call")
         if self.grad is None:
             self.zero_grad()
-        cfg, p, g = self.config, self.params, self.grads
-        pre = cfg.ln == "pre"
-        B, T = acts["idx"].shape
-        N = B * T
-        wte = p["wte.weight"]
+        p, g = self.params, self.grads
         if acts["logits"] is not None:
-            # tied LM head: logits = xf @ wte^T; d logp / d logits = onehot - softmax, hence the minus
-            row_scale = None if dlogp is None else -np.asarray(dlogp, acts["xf"].dtype).reshape(N)
-            dlogits = cross_entropy_backward(acts["logits"].reshape(N, -1), acts["targets"].reshape(N), dloss,
-                                             row_scale)
-            if acts["temperature"] != 1.0:  # logits = raw / temperature
-                dlogits *= dlogits.dtype.type(1.0 / acts["temperature"])
-            xf = acts["xf"].reshape(N, -1)
-            g["wte.weight"] += dlogits.T @ xf
-            dx = (dlogits @ wte).reshape(B, T, -1)
-            del dlogits
+            dx = self._head_backward(acts, dloss, dlogp)
             if dhidden is not None:
                 dx += dhidden
         elif dhidden is None:
             raise RuntimeError("after features(), backward() needs dhidden")
         else:
             dx = np.array(dhidden, dtype=acts["xf"].dtype)
-        if pre:
+        if self.config.ln == "pre":
             dx = layernorm_backward(dx, acts["ln_f"], p["ln_f.weight"], g["ln_f.weight"], g.get("ln_f.bias"))
-        for l in reversed(range(cfg.n_layer)):
+        for l in reversed(range(self.config.n_layer)):
             a = acts["layers"][l]
-            w = lambda name: p.get(f"h.{l}.{name}")  # noqa: E731
-            dw = lambda name: g.get(f"h.{l}.{name}")  # noqa: E731
-            # MLP sublayer
-            if not pre:
-                dx = layernorm_backward(dx, a["ln_2"], w("ln_2.weight"), dw("ln_2.weight"), dw("ln_2.bias"))
-            dout = dropout_backward(dx, a["drop_2"])
-            dg = linear_backward(dout, a["gelu"], w("mlp.c_proj.weight"), dw("mlp.c_proj.weight"),
-                                 dw("mlp.c_proj.bias"))
-            df = gelu_backward(dg, a["fc"])
-            dh = linear_backward(df, a["mlp_in"], w("mlp.c_fc.weight"), dw("mlp.c_fc.weight"), dw("mlp.c_fc.bias"))
-            if pre:
-                dh = layernorm_backward(dh, a["ln_2"], w("ln_2.weight"), dw("ln_2.weight"), dw("ln_2.bias"))
-            dx = dx + dh  # the residual branch and the MLP branch both feed x_mid
-            # attention sublayer
-            if not pre:
-                dx = layernorm_backward(dx, a["ln_1"], w("ln_1.weight"), dw("ln_1.weight"), dw("ln_1.bias"))
-            dout = dropout_backward(dx, a["drop_1"])
-            dy = linear_backward(dout, a["y"], w("attn.c_proj.weight"), dw("attn.c_proj.weight"),
-                                 dw("attn.c_proj.bias"))
-            H = cfg.n_head
-            dy = dy.reshape(B, T, H, -1).transpose(0, 2, 1, 3)
-            dq, dk, dv = attention_backward(dy, a["q"], a["k"], a["v"], a["att"])
-            # inverse of split_heads, written in one pass: dqkv [B, T, 3, H, D] <- d{q,k,v} [B, H, T, D]
-            dqkv = np.empty((B, T, 3, H, dq.shape[-1]), dq.dtype)
-            for i, d in enumerate((dq, dk, dv)):
-                dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
-            dqkv = dqkv.reshape(B, T, -1)
-            dh = linear_backward(dqkv, a["attn_in"], w("attn.c_attn.weight"), dw("attn.c_attn.weight"),
-                                 dw("attn.c_attn.bias"))
-            if pre:
-                dh = layernorm_backward(dh, a["ln_1"], w("ln_1.weight"), dw("ln_1.weight"), dw("ln_1.bias"))
-            dx = dx + dh
+            dx = self._residual_backward(dx, l, "ln_2", self._mlp_backward, a)
+            dx = self._residual_backward(dx, l, "ln_1", self._attn_backward, a)
         dx = dropout_backward(dx, acts["emb_mask"])
         embedding_backward(dx, acts["idx"], g["wte.weight"], g["wpe.weight"])
         self._saved = None
+
+    def _head_backward(self, acts, dloss, dlogp):
+        """The tied LM head and its loss, backward: -> d(hidden) [B, T, C]; wte's gradient added.
+        logits = xf @ wte^T (divided by the temperature of logprobs()); d logp / d logits = onehot -
+        softmax, hence the minus on dlogp."""
+        B, T = acts["idx"].shape
+        N = B * T
+        row_scale = None if dlogp is None else -np.asarray(dlogp, acts["xf"].dtype).reshape(N)
+        dlogits = cross_entropy_backward(acts["logits"].reshape(N, -1), acts["targets"].reshape(N), dloss, row_scale)
+        if acts["temperature"] != 1.0:
+            dlogits *= dlogits.dtype.type(1.0 / acts["temperature"])
+        self.grads["wte.weight"] += dlogits.T @ acts["xf"].reshape(N, -1)
+        return (dlogits @ self.params["wte.weight"]).reshape(B, T, -1)
