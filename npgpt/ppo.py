@@ -258,7 +258,6 @@ def _ppo(policy_dir, reward_dir, prompts, out: Path, cfg: PPOConfig, ptx_data, s
             "value.": AdamW(value.model.flat, decay_mask(value.model.config), weight_decay=0.0),
             "value_head.": AdamW(value.head.flat, np.r_[np.ones(value.head.flat.size - 1, np.uint8), 0],
                                  weight_decay=0.0)}
-    opt, vopt, hopt = opts.values()
     rng = np.random.default_rng(cfg.seed)
     metrics = out / "metrics.jsonl"
     start = 0
@@ -288,66 +287,18 @@ def _ppo(policy_dir, reward_dir, prompts, out: Path, cfg: PPOConfig, ptx_data, s
         print(f"npgpt ppo: {len(prompts)} prompts, {cfg.iterations} iterations x {cfg.batch_size} rollouts, "
               f"beta {cfg.kl_coef}" + (f", ptx {cfg.ptx_coef}" if ptx else "")
               + (f"; resuming after iteration {start}" if resume else ""), file=stream, flush=True)
-    T_s = cfg.temperature
+    kept = "the last checkpoint is kept"
     for it in range(start, cfg.iterations):
         t0 = time.perf_counter()
-        batch = [prompts[i] for i in rng.choice(len(prompts), cfg.batch_size, replace=len(prompts) < cfg.batch_size)]
-        seqs, plen, done = rollout(policy, batch, cfg, seed=int(rng.integers(1 << 31)))
-        x, y = _batch_arrays(seqs, plen)
-        mask = (y >= 0).astype(np.float64)
-        # log-probabilities of the distribution the rollouts were drawn from: at the sampling temperature
-        logp_old = policy.logprobs(x, y, temperature=T_s).astype(np.float64)
-        ent = entropy(policy.logits, mask)
-        logp_ref = ref.logprobs(x, y, temperature=T_s).astype(np.float64)
-        v_old = value.values(x)[0]
-        end = chat_ids(policy)["<|end|>"]
-        # the reward model reads the end token; a response cut by max_new_tokens gets one appended
-        score = rm.score([(s if d else s + [end])[-policy.config.block_size:] for s, d in zip(seqs, done)])
-        kept = "the last checkpoint is kept"
-        require_finite(f"iteration {it + 1}", kept, reward=float(score.sum()), value=float((v_old * mask).sum()))
-        rewards, kl = kl_rewards(logp_old, logp_ref, mask, score, cfg.kl_coef)
-        adv, ret = gae(rewards, v_old, mask, cfg.gamma, cfg.lam)
-        adv = whiten(adv, mask)
-        pl, vl, cf, pt = [], [], [], []
-        for _ in range(cfg.ppo_epochs):
-            order = rng.permutation(len(seqs))
-            for b0 in range(0, len(order), cfg.minibatch_size):
-                mb = order[b0:b0 + cfg.minibatch_size]
-                T = int(max(len(seqs[i]) for i in mb))
-                xm, ym, mm = x[mb, :T], y[mb, :T], mask[mb, :T]
-                policy.zero_grad()
-                logp = policy.logprobs(xm, ym, temperature=T_s).astype(np.float64)
-                loss, dlogp, clipfrac = clipped_surrogate(logp, logp_old[mb, :T], adv[mb, :T], mm, cfg.clip)
-                policy.backward(dlogp=dlogp)
-                if ptx is not None:
-                    xb, yb = ptx.batch("train", cfg.ptx_batch_size, policy.config.block_size, rng)
-                    pt.append(policy.loss(xb, yb))
-                    policy.backward(cfg.ptx_coef)
-                value.model.zero_grad()
-                value.head.grad.fill(0)
-                v, vback = value.values(xm)
-                vloss, dv = clipped_value_loss(v, v_old[mb, :T], ret[mb, :T], mm, cfg.value_clip)
-                vback(dv)
-                norm = grad_norm(policy.grad)
-                require_finite(f"iteration {it + 1}", kept, policy_loss=loss, ptx_loss=pt[-1] if pt else 0.0,
-                               value_loss=vloss, policy_gradient_norm=norm,
-                               value_gradient_norm=math.hypot(grad_norm(value.model.grad), grad_norm(value.head.grad)))
-                opt.step(policy.grad, cfg.learning_rate, cfg.grad_clip, norm)
-                clip = joint_clip(cfg.grad_clip, value.model.grad, value.head.grad)
-                vopt.step(value.model.grad, cfg.value_lr, 0.0 if clip is None else clip[0])
-                hopt.step(value.head.grad, cfg.value_lr, 0.0 if clip is None else clip[1])
-                pl.append(loss)
-                vl.append(vloss)
-                cf.append(clipfrac)
-        rec = {"iteration": it + 1, "reward": float(score.mean()), "kl": float(kl.mean()), "entropy": ent,
-               "clipfrac": float(np.mean(cf)), "policy_loss": float(np.mean(pl)), "value_loss": float(np.mean(vl)),
-               "response_tokens": float(mask.sum(1).mean()), "finished": float(np.mean(done)),
-               "seconds": time.perf_counter() - t0}
-        if pt:
-            rec["ptx_loss"] = float(np.mean(pt))
+        exp = make_experience(policy, ref, value, rm, prompts, cfg, rng, f"iteration {it + 1}", kept)
+        losses = ppo_update(policy, value, opts, exp, cfg, rng, ptx, f"iteration {it + 1}", kept)
+        rec = {"iteration": it + 1, "reward": float(exp.score.mean()), "kl": float(exp.kl.mean()),
+               "entropy": exp.entropy, **losses, "response_tokens": float(exp.mask.sum(1).mean()),
+               "finished": float(np.mean(exp.done)), "seconds": time.perf_counter() - t0}
         if scorer is not None:
             dec = policy.tokenizer.decode
-            rec["true_score"] = float(np.mean(scorer(batch, [dec(s[p:len(s) - d]) for s, p, d in zip(seqs, plen, done)])))
+            responses = [dec(s[p:len(s) - d]) for s, p, d in zip(exp.seqs, exp.plen, exp.done)]
+            rec["true_score"] = float(np.mean(scorer(exp.prompts, responses)))
         history.append(rec)
         with open(metrics, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -356,13 +307,95 @@ def _ppo(policy_dir, reward_dir, prompts, out: Path, cfg: PPOConfig, ptx_data, s
         crash_point("ppo iteration")
         if not quiet:
             print(f"iter {it + 1}/{cfg.iterations}: reward {rec['reward']:+.3f} KL {rec['kl']:.3f} entropy "
-                  f"{ent:.3f} clip {rec['clipfrac']:.3f} value loss {rec['value_loss']:.4f}"
+                  f"{exp.entropy:.3f} clip {rec['clipfrac']:.3f} value loss {rec['value_loss']:.4f}"
                   + (f" true score {rec['true_score']:.3f}" if "true_score" in rec else "")
                   + f" ({rec['seconds']:.1f}s)", file=stream, flush=True)
         if (it + 1) % cfg.ckpt_interval == 0 or it + 1 == cfg.iterations:
             checkpoint(it + 1)
     plot_ppo(out)
     return {"iterations": history}
+
+
+@dataclass
+class Experience:
+    """One iteration's rollouts and what the update needs of them ([B, T] arrays over response tokens)."""
+    prompts: list
+    seqs: list
+    plen: list
+    done: list
+    x: np.ndarray
+    y: np.ndarray
+    mask: np.ndarray
+    logp_old: np.ndarray
+    v_old: np.ndarray
+    adv: np.ndarray
+    ret: np.ndarray
+    score: np.ndarray     # [B] the reward model's
+    kl: np.ndarray        # [B] per sequence
+    entropy: float
+
+
+def make_experience(policy, ref, value, rm, prompts, cfg: PPOConfig, rng, where: str, kept: str) -> Experience:
+    """Sample a batch of prompts, roll the policy out on them, score the responses, fold the KL penalty
+    into per-token rewards and estimate advantages (whitened) and returns with GAE."""
+    batch = [prompts[i] for i in rng.choice(len(prompts), cfg.batch_size, replace=len(prompts) < cfg.batch_size)]
+    seqs, plen, done = rollout(policy, batch, cfg, seed=int(rng.integers(1 << 31)))
+    x, y = _batch_arrays(seqs, plen)
+    mask = (y >= 0).astype(np.float64)
+    # log-probabilities of the distribution the rollouts were drawn from: at the sampling temperature
+    logp_old = policy.logprobs(x, y, temperature=cfg.temperature).astype(np.float64)
+    ent = entropy(policy.logits, mask)
+    logp_ref = ref.logprobs(x, y, temperature=cfg.temperature).astype(np.float64)
+    v_old = value.values(x)[0]
+    end = chat_ids(policy)["<|end|>"]
+    # the reward model reads the end token; a response cut by max_new_tokens gets one appended
+    score = rm.score([(s if d else s + [end])[-policy.config.block_size:] for s, d in zip(seqs, done)])
+    require_finite(where, kept, reward=float(score.sum()), value=float((v_old * mask).sum()))
+    rewards, kl = kl_rewards(logp_old, logp_ref, mask, score, cfg.kl_coef)
+    adv, ret = gae(rewards, v_old, mask, cfg.gamma, cfg.lam)
+    return Experience(batch, seqs, plen, done, x, y, mask, logp_old, v_old, whiten(adv, mask), ret, score, kl, ent)
+
+
+def ppo_update(policy, value, opts: dict, exp: Experience, cfg: PPOConfig, rng, ptx, where: str, kept: str) -> dict:
+    """cfg.ppo_epochs passes over minibatches of the experience: the clipped surrogate (plus the ptx LM
+    loss) for the policy, the clipped value loss for the value model. Returns the mean losses."""
+    opt, vopt, hopt = opts.values()
+    policy_losses, value_losses, clip_fracs, ptx_losses = [], [], [], []
+    for _ in range(cfg.ppo_epochs):
+        order = rng.permutation(len(exp.seqs))
+        for b0 in range(0, len(order), cfg.minibatch_size):
+            mb = order[b0:b0 + cfg.minibatch_size]
+            T = int(max(len(exp.seqs[i]) for i in mb))
+            xm, ym, mm = exp.x[mb, :T], exp.y[mb, :T], exp.mask[mb, :T]
+            policy.zero_grad()
+            logp = policy.logprobs(xm, ym, temperature=cfg.temperature).astype(np.float64)
+            loss, dlogp, clipfrac = clipped_surrogate(logp, exp.logp_old[mb, :T], exp.adv[mb, :T], mm, cfg.clip)
+            policy.backward(dlogp=dlogp)
+            if ptx is not None:
+                xb, yb = ptx.batch("train", cfg.ptx_batch_size, policy.config.block_size, rng)
+                ptx_losses.append(policy.loss(xb, yb))
+                policy.backward(cfg.ptx_coef)
+            value.model.zero_grad()
+            value.head.grad.fill(0)
+            v, vback = value.values(xm)
+            vloss, dv = clipped_value_loss(v, exp.v_old[mb, :T], exp.ret[mb, :T], mm, cfg.value_clip)
+            vback(dv)
+            norm = grad_norm(policy.grad)
+            require_finite(where, kept, policy_loss=loss, ptx_loss=ptx_losses[-1] if ptx_losses else 0.0,
+                           value_loss=vloss, policy_gradient_norm=norm,
+                           value_gradient_norm=math.hypot(grad_norm(value.model.grad), grad_norm(value.head.grad)))
+            opt.step(policy.grad, cfg.learning_rate, cfg.grad_clip, norm)
+            clip = joint_clip(cfg.grad_clip, value.model.grad, value.head.grad)
+            vopt.step(value.model.grad, cfg.value_lr, 0.0 if clip is None else clip[0])
+            hopt.step(value.head.grad, cfg.value_lr, 0.0 if clip is None else clip[1])
+            policy_losses.append(loss)
+            value_losses.append(vloss)
+            clip_fracs.append(clipfrac)
+    out = {"clipfrac": float(np.mean(clip_fracs)), "policy_loss": float(np.mean(policy_losses)),
+           "value_loss": float(np.mean(value_losses))}
+    if ptx_losses:
+        out["ptx_loss"] = float(np.mean(ptx_losses))
+    return out
 
 
 def _load_optimizers(out: Path, opts: dict, step: int):
@@ -401,5 +434,5 @@ def plot_ppo(out: Path):
     plt.close(fig)
 
 
-__all__ = ["PPOConfig", "ppo", "gae", "kl_rewards", "clipped_surrogate", "clipped_value_loss", "whiten", "rollout",
-           "ValueModel"]
+__all__ = ["PPOConfig", "ppo", "make_experience", "ppo_update", "Experience", "gae", "kl_rewards",
+           "clipped_surrogate", "clipped_value_loss", "whiten", "rollout", "ValueModel"]

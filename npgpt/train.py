@@ -78,8 +78,11 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
         lock.release()
 
 
-def _train(data: TokenData, out: Path, preset, config_file, overrides, init, resume: bool, quiet, stream) -> GPT:
+def _configs(data: TokenData, out: Path, preset, config_file, overrides, init, resume: bool):
+    """(model config, train config, the init dir, the init model or None): from the resumed run's saved
+    configs, from the init checkpoint's architecture, or from a preset; then the file and overrides."""
     file_values = load_config_file(config_file) if config_file else {}
+    start = None
     if resume:
         saved = read_config(out)
         base_model = config_from_dict(saved["model"])
@@ -88,45 +91,51 @@ def _train(data: TokenData, out: Path, preset, config_file, overrides, init, res
         if mcfg != base_model:
             raise NpgptError("cannot change the model's architecture when resuming")
         init = (saved.get("provenance") or {}).get("init")  # kept in the resumed run's provenance
+    elif init is not None:
+        start = _init_model(init, data)
+        mcfg, tcfg = resolve_config(None, file_values, overrides, base=start.config)
+        if dataclasses.replace(mcfg, dropout=start.config.dropout) != start.config:
+            raise NpgptError(f"cannot change the architecture of the model in {init} (only dropout)")
     else:
-        if init is not None:
-            start = _init_model(init, data)
-            mcfg, tcfg = resolve_config(None, file_values, overrides, base=start.config)
-            if dataclasses.replace(mcfg, dropout=start.config.dropout) != start.config:
-                raise NpgptError(f"cannot change the architecture of the model in {init} (only dropout)")
-        else:
-            mcfg, tcfg = resolve_config(preset or "baby", file_values, overrides)
-            mcfg = dataclasses.replace(mcfg, vocab_size=data.vocab_size).validate()
+        mcfg, tcfg = resolve_config(preset or "baby", file_values, overrides)
+        mcfg = dataclasses.replace(mcfg, vocab_size=data.vocab_size).validate()
     if data.vocab_size > mcfg.vocab_size:
         raise NpgptError(f"data has {data.vocab_size} tokens, the model's vocabulary only {mcfg.vocab_size}")
+    return mcfg, tcfg, init, start
 
-    T, B, k = mcfg.block_size, tcfg.batch_size, tcfg.grad_accum
-    decay_iters = tcfg.lr_decay_iters or tcfg.max_iters
-    ckpt_every = tcfg.ckpt_interval or tcfg.eval_interval
+
+def _start_run(data: TokenData, out: Path, mcfg, tcfg, start: GPT | None, resume: bool):
+    """(model, optimizer, step, rng, best val loss, elapsed seconds): as the last checkpoint left them when
+    resuming (the data must speak the run's tokenizer), else fresh (from `start`'s weights if given)."""
     if resume:
         model = load_model(out, mmap=False)
         if model.tokenizer is None or model.tokenizer.tk.get_vocab() != data.tokenizer.tk.get_vocab():
             raise NpgptError(f"the data in {data.dir} was not tokenized with this run's tokenizer; resume with "
                              f"the data the run started on (or prepare yours with --tokenizer {out})")
-        state = _read_state(out)
-        opt = AdamW(model.flat, decay_mask(mcfg), weight_decay=tcfg.weight_decay, beta1=tcfg.beta1,
-                    beta2=tcfg.beta2, eps=tcfg.eps)
-        _load_optimizer(out, opt, state["step"])
-        step = state["step"]
-        rng = np.random.default_rng()
-        rng.bit_generator.state = state["rng"]
-        best_val, elapsed = state.get("best_val_loss", math.inf), state.get("elapsed", 0.0)
-        _truncate_metrics(out / "metrics.jsonl", step)
     else:
         model = GPT(mcfg, seed=tcfg.seed, tokenizer=data.tokenizer)
-        if init is not None:
+        if start is not None:
             model.flat[...] = start.flat
-            del start
-        opt = AdamW(model.flat, decay_mask(mcfg), weight_decay=tcfg.weight_decay, beta1=tcfg.beta1,
-                    beta2=tcfg.beta2, eps=tcfg.eps)
-        step, best_val, elapsed = 0, math.inf, 0.0
-        rng = np.random.default_rng(tcfg.seed)
+    opt = AdamW(model.flat, decay_mask(mcfg), weight_decay=tcfg.weight_decay, beta1=tcfg.beta1, beta2=tcfg.beta2,
+                eps=tcfg.eps)
+    if not resume:
         _truncate_metrics(out / "metrics.jsonl", 0)
+        return model, opt, 0, np.random.default_rng(tcfg.seed), math.inf, 0.0
+    state = _read_state(out)
+    _load_optimizer(out, opt, state["step"])
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state["rng"]
+    _truncate_metrics(out / "metrics.jsonl", state["step"])
+    return model, opt, state["step"], rng, state.get("best_val_loss", math.inf), state.get("elapsed", 0.0)
+
+
+def _train(data: TokenData, out: Path, preset, config_file, overrides, init, resume: bool, quiet, stream) -> GPT:
+    mcfg, tcfg, init, start = _configs(data, out, preset, config_file, overrides, init, resume)
+    model, opt, step, rng, best_val, elapsed = _start_run(data, out, mcfg, tcfg, start, resume)
+    del start
+    T, B, k = mcfg.block_size, tcfg.batch_size, tcfg.grad_accum
+    decay_iters = tcfg.lr_decay_iters or tcfg.max_iters
+    ckpt_every = tcfg.ckpt_interval or tcfg.eval_interval
     provenance = {"data": str(data.dir), "tokenizer": data.tokenizer.kind, "created_by": "npgpt train"}
     if init is not None:
         provenance["init"] = str(init)
