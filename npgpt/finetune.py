@@ -26,7 +26,7 @@ from .config import check_fields
 from .errors import NpgptError
 from .files import claim_out
 from .model import GPT
-from .optim import AdamW, require_finite
+from .optim import AdamW, lr_linear, require_finite
 from .params import decay_mask
 
 TASKS = {"classify": ("text",), "entail": ("premise", "hypothesis"), "similar": ("a", "b"),
@@ -307,8 +307,7 @@ def finetune(model_dir, task: str, train_file, val_file, out_dir, cfg: FinetuneC
             losses = []
             for b0 in range(0, len(train), cfg.batch_size):
                 idx = order[b0:b0 + cfg.batch_size]
-                lr = cfg.learning_rate * (step + 1) / warmup if step < warmup else \
-                    cfg.learning_rate * max(0.0, (total - step) / max(1, total - warmup))
+                lr = lr_linear(step, cfg.learning_rate, warmup, total)
                 model.zero_grad()
                 head.grad.fill(0)
                 loss, _, _ = step_loss(model, head, task, [enc_train[i] for i in idx], y_train[idx], lm_coef=cfg.lm_coef,

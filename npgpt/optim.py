@@ -19,6 +19,14 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, decay_iters: int) ->
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
+def lr_linear(step: int, lr: float, warmup: int, total: int) -> float:
+    """GPT-1's fine-tuning schedule at optimizer step `step` (0-based): linear warmup over `warmup` steps
+    to `lr`, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
 def grad_norm(grad: np.ndarray) -> float:
     """Global L2 norm of a flat gradient."""
     return math.sqrt(float(np.dot(grad, grad)))
