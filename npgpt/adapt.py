@@ -53,5 +53,30 @@ class TaskHead:
         self.grad = np.zeros_like(self.flat)
         self.grads = make_views(self.grad, self.shapes)
 
+    def decay_mask(self) -> np.ndarray:
+        """Weight decay on W, not on b (uint8 over the flat buffer, as params.decay_mask)."""
+        return np.r_[np.ones(self.params["head.weight"].size, np.uint8), np.zeros(self.params["head.bias"].size, np.uint8)]
+
+    def copy(self) -> "TaskHead":
+        W = self.params["head.weight"]
+        head = TaskHead(W.shape[0], W.shape[1], dtype=self.flat.dtype)
+        head.flat[:] = self.flat
+        return head
+
+    def tensors(self) -> list[tuple[str, np.ndarray]]:
+        """What head.safetensors holds."""
+        return [(n, self.params[n]) for n, _ in self.shapes]
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, n_embd: int, where="head.safetensors") -> "TaskHead":
+        """A head from head.safetensors' tensors, checked against the body's width `n_embd`."""
+        W, b = tensors.get("head.weight"), tensors.get("head.bias")
+        if W is None or b is None or W.ndim != 2 or b.shape != (W.shape[1],) or W.shape[0] != n_embd:
+            raise NpgptError(f"{where} does not hold a head for this model")
+        head = cls(n_embd, W.shape[1], dtype=W.dtype)
+        head.params["head.weight"][...] = W
+        head.params["head.bias"][...] = b
+        return head
+
 
 __all__ = ["add_special_tokens", "TaskHead"]

@@ -295,8 +295,7 @@ def finetune(model_dir, task: str, train_file, val_file, out_dir, cfg: FinetuneC
         y_val = np.array([ex["label"] if task == "choice" else index[str(ex["label"])] for ex in val])
 
         opt = AdamW(model.flat, decay_mask(model.config), weight_decay=cfg.weight_decay)
-        hopt = AdamW(head.flat, np.array([1] * head.params["head.weight"].size + [0] * head.params["head.bias"].size,
-                                         np.uint8), weight_decay=cfg.weight_decay)
+        hopt = AdamW(head.flat, head.decay_mask(), weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         total = steps_per_epoch * cfg.epochs
         warmup = max(1, int(cfg.warmup_fraction * total))
@@ -361,7 +360,7 @@ def evaluate_task(model: GPT, head: TaskHead, task: str, enc, y, n_labels: int, 
 def save_finetuned(out: Path, model: GPT, head: TaskHead, task, labels, ids, cfg: FinetuneConfig, history):
     """The fine-tuned model, its head and its task description, as one atomic checkpoint."""
     save_checkpoint(out, model, provenance={"created_by": "npgpt finetune"},
-                    heads={"head.safetensors": [(n, head.params[n]) for n, _ in head.shapes]},
+                    heads={"head.safetensors": head.tensors()},
                     sections={"finetune": {"task": task, "labels": labels, "special_tokens": ids,
                                            **dataclasses.asdict(cfg), "history": history}})
 
@@ -371,13 +370,7 @@ def load_finetuned(model_dir) -> tuple[GPT, TaskHead, dict]:
     conf = read_config(model_dir).get("finetune")
     if not conf:
         raise NpgptError(f"{model_dir} is not a fine-tuned model (no task head); run `npgpt finetune` first")
-    tensors = load_head(model_dir)
-    W, b = tensors.get("head.weight"), tensors.get("head.bias")
-    if W is None or b is None or W.ndim != 2 or b.shape != (W.shape[1],) or W.shape[0] != model.config.n_embd:
-        raise NpgptError(f"{model_dir}/head.safetensors does not match the model")
-    head = TaskHead(W.shape[0], W.shape[1])
-    head.params["head.weight"][...] = W
-    head.params["head.bias"][...] = tensors["head.bias"]
+    head = TaskHead.from_tensors(load_head(model_dir), model.config.n_embd, f"{model_dir}/head.safetensors")
     return model, head, conf
 
 

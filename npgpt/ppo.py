@@ -239,9 +239,7 @@ def _ppo(policy_dir, reward_dir, prompts, out: Path, cfg: PPOConfig, ptx_data, s
     else:
         policy = _writable(ref)
         if cfg.value_init == "reward":
-            head = TaskHead(rm.head.flat.size - 1, 1)
-            head.flat[:] = rm.head.flat
-            value = ValueModel(_writable(rm.model), head)
+            value = ValueModel(_writable(rm.model), rm.head.copy())
         else:
             value = ValueModel(_writable(ref), TaskHead(ref.config.n_embd, 1, seed=cfg.seed, std=0.0))
     if policy.config.vocab_size != ref.config.vocab_size:
@@ -256,8 +254,7 @@ def _ppo(policy_dir, reward_dir, prompts, out: Path, cfg: PPOConfig, ptx_data, s
                              f"it with --tokenizer of the model the policy was fine-tuned from")
     opts = {"": AdamW(policy.flat, decay_mask(policy.config), weight_decay=0.0),
             "value.": AdamW(value.model.flat, decay_mask(value.model.config), weight_decay=0.0),
-            "value_head.": AdamW(value.head.flat, np.r_[np.ones(value.head.flat.size - 1, np.uint8), 0],
-                                 weight_decay=0.0)}
+            "value_head.": AdamW(value.head.flat, value.head.decay_mask(), weight_decay=0.0)}
     rng = np.random.default_rng(cfg.seed)
     metrics = out / "metrics.jsonl"
     start = 0

@@ -159,7 +159,7 @@ def train_reward(model_dir, data_file, out_dir, cfg: RewardConfig | None = None,
 
         model, head = rm.model, rm.head
         opt = AdamW(model.flat, decay_mask(model.config), weight_decay=cfg.weight_decay)
-        hopt = AdamW(head.flat, np.r_[np.ones(head.params["head.weight"].size, np.uint8), 0], weight_decay=cfg.weight_decay)
+        hopt = AdamW(head.flat, head.decay_mask(), weight_decay=cfg.weight_decay)
         total = math.ceil(len(train_items) / cfg.batch_size) * cfg.epochs
         warmup = max(1, int(cfg.warmup_fraction * total))
         history, best, best_state, step = [], None, None, 0
@@ -213,7 +213,7 @@ def save_reward_model(out: Path, rm: RewardModel, info: dict, kind: str = "rewar
 def reward_files(rm: RewardModel, info: dict, kind: str = "reward") -> dict:
     """What distinguishes a reward model's checkpoint from its body's: the head file and a config section."""
     return {"sections": {"provenance": {"created_by": f"npgpt {kind}"}, kind: info},
-            "heads": {"head.safetensors": [(n, rm.head.params[n]) for n, _ in rm.head.shapes]}}
+            "heads": {"head.safetensors": rm.head.tensors()}}
 
 
 def load_reward_model(model_dir, *, mmap: bool = True) -> RewardModel:
@@ -222,12 +222,9 @@ def load_reward_model(model_dir, *, mmap: bool = True) -> RewardModel:
     if "reward" not in conf and "value" not in conf:
         raise NpgptError(f"{model_dir} is not a reward model (no scalar head); run `npgpt reward train` first")
     model = load_model(model_dir, mmap=mmap)
-    tensors = load_head(model_dir)
-    if "head.weight" not in tensors or "head.bias" not in tensors or tensors["head.weight"].ndim != 2:
+    head = TaskHead.from_tensors(load_head(model_dir), model.config.n_embd, f"{model_dir}/head.safetensors")
+    if head.params["head.bias"].shape != (1,):
         raise NpgptError(f"{model_dir}/head.safetensors is not a scalar head")
-    head = TaskHead(tensors["head.weight"].shape[0], 1, dtype=tensors["head.weight"].dtype)
-    head.params["head.weight"][...] = tensors["head.weight"]
-    head.params["head.bias"][...] = tensors["head.bias"]
     return RewardModel(model, head)
 
 

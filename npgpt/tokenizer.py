@@ -31,6 +31,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size(with_added_tokens=True)
 
+    def same_vocab(self, other: "Tokenizer | None") -> bool:
+        """Whether `other` maps every token to the same id (data prepared with it fits a model with this)."""
+        return other is not None and self.tk.get_vocab() == other.tk.get_vocab()
+
     def encode(self, text: str) -> list[int]:
         """str -> list of ids, always as plain text: a special token's string in the text ("<|endoftext|>",
         "<|end|>", ...) becomes ordinary tokens, never the control id (as tiktoken's encode_ordinary), so

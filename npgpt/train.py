@@ -109,7 +109,7 @@ def _start_run(data: TokenData, out: Path, mcfg, tcfg, start: GPT | None, resume
     resuming (the data must speak the run's tokenizer), else fresh (from `start`'s weights if given)."""
     if resume:
         model = load_model(out, mmap=False)
-        if model.tokenizer is None or model.tokenizer.tk.get_vocab() != data.tokenizer.tk.get_vocab():
+        if not data.tokenizer.same_vocab(model.tokenizer):
             raise NpgptError(f"the data in {data.dir} was not tokenized with this run's tokenizer; resume with "
                              f"the data the run started on (or prepare yours with --tokenizer {out})")
     else:
@@ -222,7 +222,7 @@ def _init_model(init, data: TokenData) -> GPT:
     start = load_model(init)
     if start.flat is None:
         raise NpgptError(f"{init} holds a quantized model, which cannot be trained")
-    if start.tokenizer is None or start.tokenizer.tk.get_vocab() != data.tokenizer.tk.get_vocab():
+    if not data.tokenizer.same_vocab(start.tokenizer):
         raise NpgptError(f"the data in {data.dir} was not tokenized with the tokenizer of {init}; prepare it "
                          f"with: npgpt prepare FILES --tokenizer {init} --out DIR")
     return start
