@@ -11,13 +11,17 @@ assistant turns are the training targets.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from .adapt import add_special_tokens
 from .checkpoint import load_model
+from .data import read_text
 from .errors import NpgptError
+from .evaluate import read_jsonl
+from .sampling import generate
 
 ROLES = ("system", "user", "assistant")
 CHAT_SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -93,7 +97,6 @@ def chat_prompt(model, message: str) -> tuple[list[int], int]:
 
 def reply(model, message: str, max_new_tokens: int = 200, **sampling) -> str:
     """The assistant's reply to one user message (an SFT model); `sampling` as for npgpt.generate."""
-    from .sampling import generate
     ids, end = chat_prompt(model, message)
     out = [int(t) for t in generate(model, ids, max_new_tokens, eos_id=end, **sampling)[0][len(ids):]]
     return model.tokenizer.decode(out[:-1] if out and out[-1] == end else out)
@@ -110,41 +113,40 @@ def render(messages: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------- reading files
-def _records(path) -> list[tuple[int, dict]]:
+def records(path) -> list[tuple[int, dict]]:
     """(line number, record) of a JSON-lines file; bad JSON names its line."""
-    from .evaluate import read_jsonl
     return [(r.pop("_line"), r) for r in read_jsonl(path)]
 
 
-class _Bad(Exception):
-    pass
+class BadRecord(Exception):
+    """A record that cannot be used (its message says why); readers name its line, or skip it."""
 
 
 def _text(r: dict, key: str) -> str:
     v = r.get(key)
     if not isinstance(v, str):
-        raise _Bad(f"missing field {key!r}" if v is None else f"field {key!r} must be a string")
+        raise BadRecord(f"missing field {key!r}" if v is None else f"field {key!r} must be a string")
     return v
 
 
 def _check_messages(msgs, field: str = "messages") -> list[dict]:
     """A conversation: a non-empty list of {"role": one of ROLES, "content": str} (other keys dropped)."""
     if not isinstance(msgs, list) or not msgs:
-        raise _Bad(f"{field!r} must be a non-empty list of messages")
+        raise BadRecord(f"{field!r} must be a non-empty list of messages")
     out = []
     for m in msgs:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise _Bad(f"each message needs a role ({', '.join(ROLES)}) and a string content")
+            raise BadRecord(f"each message needs a role ({', '.join(ROLES)}) and a string content")
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
 
 def _read(path, parse, skip_bad: bool, what: str) -> tuple[list, int]:
     items, skipped = [], 0
-    for n, r in _records(path):
+    for n, r in records(path):
         try:
             items.append(parse(r))
-        except _Bad as e:
+        except BadRecord as e:
             if not skip_bad:
                 raise NpgptError(f"{path}:{n}: {e} (use --skip-bad to skip such records)") from None
             skipped += 1
@@ -159,12 +161,12 @@ def parse_demo(r: dict) -> list[dict]:
     if "messages" in r:
         msgs = _check_messages(r["messages"])
         if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
-            raise _Bad("no assistant message to learn from")
+            raise BadRecord("no assistant message to learn from")
         return msgs
     if "instruction" in r:
         extra = r.get("input")
         if extra is not None and not isinstance(extra, str):  # an f-string would print a dict as its repr
-            raise _Bad("field 'input' must be a string")
+            raise BadRecord("field 'input' must be a string")
         prompt = _text(r, "instruction") + (f"\n\n{extra}" if extra else "")
         response = _text(r, "output")
     else:
@@ -172,7 +174,7 @@ def parse_demo(r: dict) -> list[dict]:
         key = next((k for k in ("response", "completion", "answer") if k in r), "response")
         response = _text(r, key)
     if not response.strip():
-        raise _Bad("empty response")
+        raise BadRecord("empty response")
     return [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": response.strip()}]
 
 
@@ -186,7 +188,6 @@ def split_dialogue(text: str) -> tuple[list[dict], str]:
     "Assistant:" turn into (prompt messages, final response)."""
     parts, role, pos = [], None, 0
     markers = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"}
-    import re
     for m in re.finditer(r"\n\nHuman:|\n\nAssistant:", text):
         if role is not None:
             parts.append({"role": role, "content": text[pos:m.start()].strip()})
@@ -194,7 +195,7 @@ def split_dialogue(text: str) -> tuple[list[dict], str]:
     if role is not None:
         parts.append({"role": role, "content": text[pos:].strip()})
     if not parts or parts[-1]["role"] != "assistant" or len(parts) < 2:
-        raise _Bad("dialogue has no final 'Assistant:' turn after a 'Human:' turn")
+        raise BadRecord("dialogue has no final 'Assistant:' turn after a 'Human:' turn")
     return parts[:-1], parts[-1]["content"]
 
 
@@ -207,11 +208,11 @@ def parse_preference(r: dict) -> dict:
     if "responses" in r:
         responses, ranking = r["responses"], r.get("ranking")
         if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(x, str) for x in responses):
-            raise _Bad("'responses' must be a list of 2 or more strings")
+            raise BadRecord("'responses' must be a list of 2 or more strings")
         # integers only: sorted() of mixed types raises, and true/false or 1.0 would pass as indices
         if not isinstance(ranking, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ranking) \
                 or sorted(ranking) != list(range(len(responses))):
-            raise _Bad("'ranking' must list every response index once, best first")
+            raise BadRecord("'ranking' must list every response index once, best first")
         prompt = r.get("prompt")
     else:
         chosen, rejected = _text(r, "chosen"), _text(r, "rejected")
@@ -221,21 +222,21 @@ def parse_preference(r: dict) -> dict:
             prompt, chosen = split_dialogue(chosen)
             prompt2, rejected = split_dialogue(rejected)
             if prompt2 != prompt:
-                raise _Bad("'chosen' and 'rejected' dialogues differ before their last Assistant turn")
+                raise BadRecord("'chosen' and 'rejected' dialogues differ before their last Assistant turn")
         responses, ranking = [chosen, rejected], [0, 1]
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise _Bad("empty prompt")
+            raise BadRecord("empty prompt")
         prompt = [{"role": "user", "content": prompt.strip()}]
     elif prompt is None:
-        raise _Bad("missing field 'prompt'")
+        raise BadRecord("missing field 'prompt'")
     else:
         prompt = _check_messages(prompt, "prompt")
     responses = [x.strip() for x in responses]
     if any(not x for x in responses):
-        raise _Bad("empty response")
+        raise BadRecord("empty response")
     if len(set(responses)) < len(responses):
-        raise _Bad("two responses are identical (chosen == rejected)")
+        raise BadRecord("two responses are identical (chosen == rejected)")
     return {"prompt": prompt, "responses": responses, "ranking": [int(i) for i in ranking]}
 
 
@@ -249,13 +250,12 @@ def read_prompts(path) -> list[list[dict]]:
     text with one prompt per line."""
     path = Path(path)
     if path.suffix != ".jsonl":
-        from .data import read_text
         lines = [ln.strip() for ln in read_text(path).splitlines() if ln.strip()]
         if not lines:
             raise NpgptError(f"{path}: no prompts")
         return [prompt_messages(ln) for ln in lines]
     out = []
-    for n, r in _records(path):
+    for n, r in records(path):
         field = "prompt" if "prompt" in r else "messages"
         p = r.get(field)
         if isinstance(p, str) and p.strip():
@@ -263,7 +263,7 @@ def read_prompts(path) -> list[list[dict]]:
         elif isinstance(p, list):
             try:
                 out.append(_check_messages(p, field))
-            except _Bad as e:
+            except BadRecord as e:
                 raise NpgptError(f"{path}:{n}: {e}") from None
         elif isinstance(p, str):
             raise NpgptError(f"{path}:{n}: empty prompt")

@@ -8,13 +8,18 @@ every token after the first window at least block_size - stride + 1 tokens of co
 """
 from __future__ import annotations
 
+import json
 import math
+import re
+import string
 import sys
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
 from .errors import NpgptError
-from .model import GPT
+from .model import GPT, KVCache
 from .sampling import cut_at_stop, generate
 
 
@@ -96,8 +101,6 @@ def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
     """JSON-lines records, each with its line number as "_line". Every problem a file can have (not
     UTF-8, not JSON, too deeply nested, not an object, a missing field, a lone surrogate in a string)
     is an NpgptError naming file:line."""
-    import json
-    from pathlib import Path
     path = Path(path)
     if not path.is_file():
         raise NpgptError(f"data file not found: {path}")
@@ -282,7 +285,6 @@ def continuation_logprobs(model: GPT, prefix: list[int], continuations: list[lis
 
     A prefix longer than block_size - (longest continuation) is cropped from the left (eval_choice
     counts such items); a continuation needs at least one prefix token before it."""
-    from .model import KVCache
     block = model.config.block_size
     if not continuations or min(len(c) for c in continuations) == 0:
         raise NpgptError("an empty continuation cannot be scored")
@@ -366,7 +368,6 @@ def _split_template(template: str) -> tuple[str, str]:
     """(before, after): the format strings on either side of the one {choice} field of a template whose
     other fields are all {context}; literal braces are written {{ and }}. Both halves take
     .format(context=...)."""
-    import string
     name = template
     template = TEMPLATES.get(template, template)
     try:
@@ -508,15 +509,12 @@ def eval_lambada(model: GPT, items: list[dict], limit: int | None = None) -> dic
 # ---------------------------------------------------------------- generation (exact match / F1)
 def normalize_answer(s: str) -> str:
     """SQuAD-style: lower case, drop punctuation, articles and extra whitespace."""
-    import re
-    import string
     s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 
 
 def token_f1(pred: str, ref: str) -> float:
-    from collections import Counter
     p, r = normalize_answer(pred).split(), normalize_answer(ref).split()
     common = sum((Counter(p) & Counter(r)).values())
     if not p or not r:

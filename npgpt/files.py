@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -34,7 +35,6 @@ def crash_point(name: str):
     global _crash_count
     _crash_count += 1
     if _crash_count == int(at):
-        import signal
         os.kill(os.getpid(), signal.SIGKILL)
 
 

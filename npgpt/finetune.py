@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,9 @@ import numpy as np
 from .adapt import TaskHead, add_special_tokens
 from .checkpoint import load_head, load_model, read_config, save_checkpoint
 from .config import check_fields
+from .data import read_text
 from .errors import NpgptError
+from .evaluate import read_jsonl
 from .files import claim_out
 from .model import GPT
 from .optim import AdamW, lr_linear, require_finite
@@ -65,7 +69,6 @@ def read_task_file(path, task: str, labelled: bool = False) -> list[dict]:
     if path.suffix in (".csv", ".tsv"):
         rows = _read_table(path, task)
     else:
-        from .evaluate import read_jsonl
         rows = [(r.pop("_line"), r) for r in read_jsonl(path)]
     if not rows:
         raise NpgptError(f"{path}: no records")
@@ -119,9 +122,6 @@ def _read_table(path: Path, task: str) -> list[tuple[int, dict]]:
     with None). An empty label cell is no label (prediction files). For "choice", the columns
     choice0 .. choiceK-1 become "choices" in the order of their number (not of their names: choice10
     sorts before choice2) and "label" becomes an int."""
-    import io
-    import re
-    from .data import read_text
     reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
     rows = []
     try:

@@ -26,12 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapt import TaskHead
 from .chat import chat_ids, encode_chat, pad_batch, read_prompts
 from .checkpoint import load_model, write_checkpoint
 from .config import check_fields
+from .data import TokenData
 from .errors import NpgptError
 from .files import KINDS, DirLock, atomic_open, claim_out, crash_point, current, dir_kind, file_set, recover
-from .adapt import TaskHead
 from .model import GPT
 from .optim import AdamW, grad_norm, joint_clip, require_finite
 from .params import decay_mask
@@ -246,7 +247,6 @@ def _ppo(policy_dir, reward_dir, prompts, out: Path, cfg: PPOConfig, ptx_data, s
         raise NpgptError(f"{out} was trained from another policy than {policy_dir}")
     ptx = None
     if ptx_data is not None:
-        from .data import TokenData
         ptx = TokenData(ptx_data)
         pv = policy.tokenizer.tk.get_vocab()  # the policy's vocabulary is the data's plus the chat tokens
         if any(pv.get(t) != i for t, i in ptx.tokenizer.tk.get_vocab().items()):

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import encode_chat, fit_context, pad_batch, pairs, read_demos, read_preferences, read_split, start_model
+from .adapt import TaskHead
+from .chat import (BadRecord, encode_chat, fit_context, pad_batch, pairs, parse_demo, parse_preference, prompt_messages,
+                   read_demos, read_preferences, read_split, records, start_model)
 from .checkpoint import load_head, load_model, read_config, save_checkpoint
 from .config import check_fields
 from .errors import NpgptError
 from .files import claim_out
-from .adapt import TaskHead
 from .model import GPT
 from .optim import AdamW, grad_norm, joint_clip, lr_at, require_finite
 from .params import decay_mask
@@ -87,7 +88,6 @@ class RewardModel:
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
     def score_text(self, prompts: list, responses: list[str]) -> np.ndarray:
-        from .chat import prompt_messages
         return self.score([self.encode(prompt_messages(p), r) for p, r in zip(prompts, responses)])
 
 
@@ -231,10 +231,9 @@ def load_reward_model(model_dir, *, mmap: bool = True) -> RewardModel:
 def score_file(model_dir, data_file, skip_bad: bool = False) -> list[dict]:
     """Rewards for every record of a file: demonstrations ({"prompt", "response"} or messages) give
     {"line", "reward"}; comparisons give {"line", "rewards": [...]} in the order of their responses."""
-    from .chat import _records, parse_demo, parse_preference, _Bad
     rm = load_reward_model(model_dir)
     out = []
-    for n, r in _records(data_file):
+    for n, r in records(data_file):
         try:
             if "chosen" in r or "responses" in r:
                 p = parse_preference(r)
@@ -242,7 +241,7 @@ def score_file(model_dir, data_file, skip_bad: bool = False) -> list[dict]:
             else:
                 conv = parse_demo(r)
                 out.append({"line": n, "reward": float(rm.score([rm.encode(conv[:-1], conv[-1]["content"])])[0])})
-        except _Bad as e:
+        except BadRecord as e:
             if not skip_bad:
                 raise NpgptError(f"{data_file}:{n}: {e} (use --skip-bad to skip such records)") from None
     return out

@@ -8,10 +8,13 @@ import json
 import re
 from pathlib import Path
 
-import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+import tokenizers
 
+from .assets import weights_dir
 from .errors import NpgptError
+from .files import atomic_write_bytes
+from .malloc import release_free_memory
 
 EOT = "<|endoftext|>"
 KINDS = ("char", "bpe", "gpt2")
@@ -79,7 +82,6 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ files
     def save(self, directory: str | Path) -> Path:
-        from .files import atomic_write_bytes
         path = Path(directory) / "tokenizer.json"
         atomic_write_bytes(path, self.tk.to_str().encode())
         return path
@@ -91,7 +93,6 @@ class Tokenizer:
             tk = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception on any parse problem
             raise NpgptError(f"cannot read tokenizer {path}: {e}") from None
-        from .malloc import release_free_memory
         release_free_memory()
         return cls(tk, kind)
 
@@ -124,7 +125,6 @@ class Tokenizer:
     @classmethod
     def gpt2(cls, directory: str | Path | None = None) -> "Tokenizer":
         """GPT-2's tokenizer from vocab.json + merges.txt (default: the copy shipped in weights/gpt2)."""
-        from .assets import weights_dir
         d = Path(directory) if directory else weights_dir() / "gpt2"
         vocab, merges = d / "vocab.json", d / "merges.txt"
         for f in (vocab, merges):
