@@ -130,7 +130,8 @@ def _text(r: dict, key: str) -> str:
 
 
 def _check_messages(msgs, field: str = "messages") -> list[dict]:
-    """A conversation: a non-empty list of {"role": one of ROLES, "content": str} (other keys dropped)."""
+    """A conversation: a non-empty list of {"role": one of ROLES, "content": str} (other keys dropped),
+    not all of them empty."""
     if not isinstance(msgs, list) or not msgs:
         raise BadRecord(f"{field!r} must be a non-empty list of messages")
     out = []
@@ -138,6 +139,8 @@ def _check_messages(msgs, field: str = "messages") -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise BadRecord(f"each message needs a role ({', '.join(ROLES)}) and a string content")
         out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["content"].strip() for m in out):  # an empty prompt, however many turns it has
+        raise BadRecord(f"every message in {field!r} is empty")
     return out
 
 

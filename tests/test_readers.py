@@ -351,3 +351,14 @@ def test_bad_demo_and_prompt_files():
         read_prompts(jsonl_file("q.jsonl", {"prompt": "  "}))
     with pytest.raises(NpgptError, match=":1: 'messages' must be a non-empty list"):
         read_prompts(jsonl_file("q.jsonl", {"messages": []}))
+
+
+def test_a_prompt_of_empty_messages_is_refused(tmp_path):
+    """Found by `make fuzz`: {"messages": [{"role": "user", "content": ""}]} was accepted as a prompt."""
+    for rec in ({"messages": [{"role": "user", "content": ""}]},
+                {"prompt": [{"role": "system", "content": " "}, {"role": "user", "content": "\n"}]}):
+        with pytest.raises(NpgptError, match="every message in .* is empty"):
+            read_prompts(jsonl_file("q.jsonl", rec))
+    with pytest.raises(NpgptError, match="every message in 'prompt' is empty"):
+        read_preferences(jsonl_file("p.jsonl", {"prompt": [{"role": "user", "content": ""}], "chosen": "a",
+                                                "rejected": "b"}))
