@@ -107,11 +107,6 @@ def prompt_messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-def render(messages: list[dict]) -> str:
-    """Readable text of a conversation (for logs and `reward score` output)."""
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-
-
 # ---------------------------------------------------------------- reading files
 def records(path) -> list[tuple[int, dict]]:
     """(line number, record) of a JSON-lines file; bad JSON names its line."""
@@ -293,7 +288,7 @@ def read_split(read, data_file, val_file, val_fraction: float, skip_bad: bool, r
 def start_model(model_dir, seed: int):
     """The model a chat-training command starts from: a writable copy with the chat tokens."""
     base = load_model(model_dir)
-    if base.flat is None:
+    if base.quantized:
         raise NpgptError("a quantized model cannot be trained")
     return add_chat_tokens(base, seed)
 

@@ -265,7 +265,7 @@ def export_hf(model_dir: str | Path, out: str | Path, *, force: bool = False) ->
     tokenizer files) that transformers' GPT2LMHeadModel loads."""
     model = load_model(model_dir)
     cfg = model.config
-    if model.flat is None:
+    if model.quantized:
         raise NpgptError("a quantized checkpoint cannot be exported; export the float32 model it came from")
     if cfg.ln != "pre" or not cfg.bias:
         raise NpgptError("only GPT-2-shaped models (pre-LN with biases) can be exported in HF GPT-2 format")

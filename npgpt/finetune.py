@@ -285,7 +285,7 @@ def finetune(model_dir, task: str, train_file, val_file, out_dir, cfg: FinetuneC
                 raise NpgptError(f"{val_file}:{ex['_line']}: {len(ex['choices'])} choices, but the training "
                                  f"examples have {len(labels)}")
         base = load_model(model_dir)
-        if base.flat is None:
+        if base.quantized:
             raise NpgptError("a quantized model cannot be fine-tuned")
         model, ids = add_special_tokens(base, SPECIALS, cfg.seed)
         head = TaskHead(model.config.n_embd, 1 if task == "choice" else len(labels), seed=cfg.seed)

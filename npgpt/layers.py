@@ -109,7 +109,7 @@ def linear_backward(dout, x, w, dw, db):
 
 
 # ---------------------------------------------------------------- GELU (tanh approximation, as GPT-2)
-GELU_C = math.sqrt(2.0 / math.pi)
+GELU_C = math.sqrt(2.0 / math.pi)  # also in kernels.py, which only training imports (it loads Numba)
 
 
 def gelu_forward(x, save=True):

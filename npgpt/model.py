@@ -15,7 +15,7 @@ from .layers import (attention_backward, attention_forward, cross_entropy_backwa
                      layernorm_backward, layernorm_forward, linear_backward, linear_forward, merge_heads,
                      merge_heads_backward, split_heads, split_heads_backward, token_nll)
 from .malloc import keep_freed_memory
-from .params import init_params, make_views, param_shapes
+from .params import init_params, make_views, num_params, param_shapes
 
 
 class KVCache:
@@ -69,7 +69,12 @@ class GPT:
 
     @property
     def num_params(self) -> int:
-        return sum(int(np.prod(s)) for _, s in self.shapes)
+        return num_params(self.config)
+
+    @property
+    def quantized(self) -> bool:
+        """Inference-only weights (int8, see quant.py): no flat buffer, nothing to train or export."""
+        return self.flat is None
 
     def zero_grad(self):
         if self.flat is None:

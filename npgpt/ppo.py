@@ -227,7 +227,7 @@ def ppo(policy_dir, reward_dir, prompts_file, out_dir, cfg: PPOConfig | None = N
 def _ppo(policy_dir, reward_dir, prompts, out: Path, cfg: PPOConfig, ptx_data, scorer, resume, quiet, stream):
     ref = load_model(policy_dir)
     chat_ids(ref)
-    if ref.flat is None:
+    if ref.quantized:
         raise NpgptError("a quantized model cannot be trained")
     rm = load_reward_model(reward_dir)
     if rm.model.config.vocab_size != ref.config.vocab_size:

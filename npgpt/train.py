@@ -220,7 +220,7 @@ def _train(data: TokenData, out: Path, preset, config_file, overrides, init, res
 def _init_model(init, data: TokenData) -> GPT:
     """The checkpoint a run starts from, after checking that the data speaks its tokenizer."""
     start = load_model(init)
-    if start.flat is None:
+    if start.quantized:
         raise NpgptError(f"{init} holds a quantized model, which cannot be trained")
     if not data.tokenizer.same_vocab(start.tokenizer):
         raise NpgptError(f"the data in {data.dir} was not tokenized with the tokenizer of {init}; prepare it "
