@@ -329,20 +329,27 @@ def test_reward_ppo_dpo_commands(rlhf_files, tmp_path):
     assert r.returncode == 0 and "implicit reward accuracy" in r.stdout, r.stderr
 
 
-def test_ppo_ptx_mixes_the_pretraining_loss(rlhf_files, tmp_path):
-    from npgpt.data import prepare
+def test_ppo_ptx_mixes_the_pretraining_loss(rlhf_files, sft_and_rm, tmp_path):
+    """PPO-ptx's LM term does its job: the pretraining text's loss falls under the policy updates with it,
+    and not (or much less) without it."""
+    from npgpt.checkpoint import load_model
+    from npgpt.data import TokenData, prepare
     from npgpt.ppo import PPOConfig, ppo
-    from npgpt.reward import RewardConfig, train_reward
-    from npgpt.sft import SFTConfig, sft
-    d = rlhf_files
-    sft(d / "base", d / "demos.jsonl", tmp_path / "sft", SFTConfig(epochs=1), quiet=True)
-    train_reward(tmp_path / "sft", d / "prefs.jsonl", tmp_path / "rm", RewardConfig(), quiet=True)
+    d, m = rlhf_files, sft_and_rm
     (tmp_path / "text.txt").write_text("the cat and the dog sat in the sun under a tree. " * 40)
-    prepare([tmp_path / "text.txt"], tmp_path / "ptx", Tokenizer.load(d / "base", "char"))
-    r = ppo(tmp_path / "sft", tmp_path / "rm", d / "prompts.txt", tmp_path / "ppo",
-            PPOConfig(iterations=1, batch_size=2, minibatch_size=2, max_new_tokens=8, ptx_coef=0.5),
-            ptx_data=tmp_path / "ptx", quiet=True)
-    assert r["iterations"][0]["ptx_loss"] > 0
+    prepare([tmp_path / "text.txt"], tmp_path / "ptx", Tokenizer.load(d / "base", "char"), val_fraction=0.2)
+    data = TokenData(tmp_path / "ptx")
+    x, y = data.batch("val", 8, 48, np.random.default_rng(0))
+    cfg = dict(iterations=3, batch_size=4, minibatch_size=4, max_new_tokens=8, learning_rate=1e-3)
+    losses = {}
+    for coef in (0.0, 5.0):
+        out = tmp_path / f"ppo{coef}"
+        r = ppo(m / "sft", m / "rm", d / "prompts.txt", out, PPOConfig(**cfg, ptx_coef=coef),
+                ptx_data=tmp_path / "ptx" if coef else None, quiet=True)
+        assert ("ptx_loss" in r["iterations"][0]) == bool(coef)
+        losses[coef] = load_model(out).loss(x, y)
+    before = load_model(m / "sft").loss(x, y)
+    assert losses[5.0] < before - 0.3 and losses[5.0] < losses[0.0] - 0.3, (before, losses)
 
 
 def test_command_errors_are_one_line(rlhf_files, tmp_path):
