@@ -61,12 +61,23 @@ def write_checkpoint(d: str | Path, model, *, sections: dict | None = None, head
         write_safetensors(d / fname, tensors)
     if model.tokenizer is not None:
         model.tokenizer.save(d)
-    cfg = {"model": dataclasses.asdict(model.config),
-           "tokenizer": {"kind": model.tokenizer.kind} if model.tokenizer is not None else None,
-           **{k: v for k, v in (sections or {}).items() if v is not None}}
-    atomic_write_json(d / "config.json", cfg)
+    write_config(d, model.config, model.tokenizer, sections)
     if state is not None:
         atomic_write_json(d / "state.json", state)
+
+
+SECTIONS = ("train", "provenance", "quantization", "finetune", "sft", "reward", "value", "dpo", "ppo")
+
+
+def write_config(d: str | Path, config: GPTConfig, tokenizer, sections: dict | None = None):
+    """config.json of a checkpoint dir, the one place that writes it: {"model": GPTConfig, "tokenizer":
+    {"kind"} or null, and the `sections` (of SECTIONS) that are not None}."""
+    unknown = set(sections or {}) - set(SECTIONS)
+    if unknown:  # a programming error: a new section is added to SECTIONS (which read_config checks) first
+        raise ValueError(f"unknown config.json sections: {sorted(unknown)}")
+    atomic_write_json(Path(d) / "config.json", {
+        "model": dataclasses.asdict(config), "tokenizer": {"kind": tokenizer.kind} if tokenizer is not None else None,
+        **{k: v for k, v in (sections or {}).items() if v is not None}})
 
 
 def save_checkpoint(directory: str | Path, model, *, train_config=None, optimizer=None, state: dict | None = None,
@@ -98,7 +109,7 @@ def read_config(directory: str | Path) -> dict:
     tok = cfg.get("tokenizer")
     if tok is not None and not (isinstance(tok, dict) and isinstance(tok.get("kind"), str)):
         raise NpgptError(f"{path}: \"tokenizer\" must be null or an object with a \"kind\"")
-    for key in ("quantization", "train", "provenance", "finetune", "sft", "reward", "value", "dpo", "ppo"):
+    for key in SECTIONS:
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
             raise NpgptError(f"{path}: \"{key}\" must be an object")
     return cfg

@@ -7,7 +7,6 @@ order so the result loads by memory map. Pickle files (`pytorch_model.bin`) are 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import load_model, read_config
+from .checkpoint import load_model, read_config, write_config
 from .quant import SCHEME, quantize_matrix, quantized_names
 from .tensorfile import _as_array, _short, read_safetensors_header, write_safetensors
 from .config import GPTConfig
@@ -232,12 +231,8 @@ def convert_hf(src: str | Path, out: str | Path, *, force: bool = False, progres
             print(file=sys.stderr)
         if tok is not None:
             tok.save(stage)
-        atomic_write_json(stage / "config.json", {
-            "model": dataclasses.asdict(cfg),
-            "tokenizer": {"kind": tok.kind} if tok is not None else None,
-            "provenance": {"converted_from": str(src), "format": "hf-gpt2",
-                           "dtypes": sorted({e["dtype"] for _, e, _ in where.values()})},
-        })
+        write_config(stage, cfg, tok, {"provenance": {"converted_from": str(src), "format": "hf-gpt2",
+                                                      "dtypes": sorted({e["dtype"] for _, e, _ in where.values()})}})
     return out
 
 
@@ -327,8 +322,7 @@ def quantize_model(model_dir: str | Path, out: str | Path, *, force: bool = Fals
         write_safetensors(stage / "model.safetensors", tensors, {"format": "npgpt", "quantization": SCHEME})
         if model.tokenizer is not None:
             model.tokenizer.save(stage)
-        atomic_write_json(stage / "config.json", {
-            "model": cfg["model"], "tokenizer": cfg.get("tokenizer"),
+        write_config(stage, model.config, model.tokenizer, {
             "quantization": {"scheme": SCHEME, "source": str(src)},
             "provenance": {**(cfg.get("provenance") or {}), "quantized_from": str(src)}})
     return {"fp32_bytes": model.flat.nbytes, "int8_bytes": sum(t.nbytes for _, t in tensors)}

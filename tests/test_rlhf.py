@@ -327,6 +327,8 @@ def test_reward_ppo_dpo_commands(rlhf_files, tmp_path):
     r = run_cli("dpo", "--model", tmp_path / "sft", "--data", d / "prefs.jsonl", "--out", tmp_path / "dpo",
                 "--learning_rate", "1e-3", "--epochs", "2", "--quiet")
     assert r.returncode == 0 and "implicit reward accuracy" in r.stdout, r.stderr
+    hist = json.loads((tmp_path / "dpo" / "config.json").read_text())["dpo"]["history"]
+    assert hist[-1]["train_reward_acc"] > 0.75, hist  # DPO learns the preferences, not just runs
 
 
 def test_ppo_ptx_mixes_the_pretraining_loss(rlhf_files, sft_and_rm, tmp_path):
