@@ -160,6 +160,20 @@ def main():
     def ratio(a, b):
         return f"{a / b:.2f}x" if b else "n/a (transformers not installed)"
 
+    print(f"GPT-2 124M fp32, batch 1, {args.threads} threads; weights {weight_bytes / 1e6:.0f} MB + KV cache "
+          f"{kv_bytes / 1e6:.0f} MB read per token; stream bandwidth {bw / 1e9:.1f} GB/s -> bound {bound:.1f} tok/s "
+          f"(weights alone: {bw / weight_bytes:.1f})")
+    print(f"{'prefill (' + str(args.prompt) + ' tokens)':<28} npgpt {pre:8.1f} tok/s | transformers "
+          f"{hf_pre or 0:8.1f} tok/s | ratio {ratio(pre, hf_pre)}")
+    print(f"{'decode (' + str(args.new) + ' tokens)':<28} npgpt {dec:8.1f} tok/s | transformers "
+          f"{hf_dec or 0:8.1f} tok/s | ratio {ratio(dec, hf_dec)} | {dec / bound:.0%} of bandwidth bound")
+    print(f"{'prefill vs sgemm':<28} npgpt {pre * prefill_flops_per_token(model.config, args.prompt) / 1e9:8.1f} "
+          f"GFLOP/s | sgemm {flops / 1e9:.1f} GFLOP/s | {pre * prefill_flops_per_token(model.config, args.prompt) / flops:.0%}")
+    print(f"{'decode int8':<28} npgpt {q8_dec:8.1f} tok/s | transformers {hf_dec or 0:8.1f} tok/s | ratio "
+          f"{ratio(q8_dec, hf_dec)} | {q8_dec / dec:.2f}x npgpt fp32 | weights {q8_bytes / 1e6:.0f} MB, "
+          f"bound {bw / (q8_bytes + kv_bytes):.0f} tok/s")
+    print(f"{'prefill int8':<28} npgpt {q8_pre:8.1f} tok/s | ratio vs transformers fp32 {ratio(q8_pre, hf_pre)}")
+
     # against llama.cpp: its tg128 decodes from an empty context, so npgpt decodes after a short prompt
     short = prompt[:, :8]
     _, dec_short = npgpt_figures(model, short, args.new)
@@ -176,19 +190,6 @@ def main():
         r = f" | ratio {ours / theirs:.2f}x" if ours and theirs else ""
         print(f"{name:<32} npgpt {ours_s} | llama.cpp {peer[0]} {peer[1]} {peer_s}{r}", flush=True)
 
-    print(f"GPT-2 124M fp32, batch 1, {args.threads} threads; weights {weight_bytes / 1e6:.0f} MB + KV cache "
-          f"{kv_bytes / 1e6:.0f} MB read per token; stream bandwidth {bw / 1e9:.1f} GB/s -> bound {bound:.1f} tok/s "
-          f"(weights alone: {bw / weight_bytes:.1f})")
-    print(f"{'prefill (' + str(args.prompt) + ' tokens)':<28} npgpt {pre:8.1f} tok/s | transformers "
-          f"{hf_pre or 0:8.1f} tok/s | ratio {ratio(pre, hf_pre)}")
-    print(f"{'decode (' + str(args.new) + ' tokens)':<28} npgpt {dec:8.1f} tok/s | transformers "
-          f"{hf_dec or 0:8.1f} tok/s | ratio {ratio(dec, hf_dec)} | {dec / bound:.0%} of bandwidth bound")
-    print(f"{'prefill vs sgemm':<28} npgpt {pre * prefill_flops_per_token(model.config, args.prompt) / 1e9:8.1f} "
-          f"GFLOP/s | sgemm {flops / 1e9:.1f} GFLOP/s | {pre * prefill_flops_per_token(model.config, args.prompt) / flops:.0%}")
-    print(f"{'decode int8':<28} npgpt {q8_dec:8.1f} tok/s | transformers {hf_dec or 0:8.1f} tok/s | ratio "
-          f"{ratio(q8_dec, hf_dec)} | {q8_dec / dec:.2f}x npgpt fp32 | weights {q8_bytes / 1e6:.0f} MB, "
-          f"bound {bw / (q8_bytes + kv_bytes):.0f} tok/s")
-    print(f"{'prefill int8':<28} npgpt {q8_pre:8.1f} tok/s | ratio vs transformers fp32 {ratio(q8_pre, hf_pre)}")
 
 
 if __name__ == "__main__":

@@ -48,13 +48,15 @@ def binaries(native: bool = True) -> Path:
     bench = build / "bin" / "llama-bench"
     if bench.is_file():
         return bench.parent
-    log(f"building llama-bench in {build} (a few minutes, once)")
-    subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                    f"-DGGML_NATIVE={'ON' if native else 'OFF'}", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_OPENMP=ON"],
-                   check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(build), "--config", "Release", "-j", str(os.cpu_count() or 2),
-                    "--target", "llama-bench", "llama-quantize"], check=True, stdout=subprocess.DEVNULL)
+    build.mkdir(parents=True, exist_ok=True)
+    log(f"building llama-bench in {build} (a few minutes, once; compiler output in build.log)")
+    with open(build / "build.log", "w") as out:
+        for cmd in (["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                     f"-DGGML_NATIVE={'ON' if native else 'OFF'}", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_OPENMP=ON"],
+                    ["cmake", "--build", str(build), "--config", "Release", "-j", str(os.cpu_count() or 2),
+                     "--target", "llama-bench", "llama-quantize"]):
+            subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT)
     return bench.parent
 
 
