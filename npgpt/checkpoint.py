@@ -24,7 +24,7 @@ from .errors import NpgptError
 from .files import atomic_write_json, current, file_set
 from .model import GPT
 from .params import param_shapes
-from .quant import SCHEME, load_quantized_params
+from .quant import SCHEME, quantized_params
 from .tensorfile import load_flat, load_safetensors, read_safetensors_header, write_safetensors
 from .tokenizer import Tokenizer
 
@@ -132,7 +132,7 @@ def load_model(directory: str | Path, *, mmap: bool = True):
     if quant:
         if quant.get("scheme") != SCHEME:
             raise NpgptError(f"{d}: unknown quantization scheme {quant.get('scheme')!r}")
-        params = load_quantized_params(weights, param_shapes(config))
+        params = quantized_params(load_safetensors(weights, mmap=True)[0], param_shapes(config), str(weights))
     else:
         flat, _ = load_flat(weights, param_shapes(config), mmap=mmap)
     tok = None

@@ -7,15 +7,13 @@ dequantizing on the fly, so a decode step reads a quarter of the bytes.
 
 `Int8Weight` stands in for the float matrix in the model's params dict: it supports `x @ w`, `w.T`
 (for the tied head) and `w[idx]` (embedding rows), so model.py runs unchanged on a quantized model.
+Array code only: reading and writing int8 checkpoints is checkpoint.py's and convert.py's.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
 from .errors import NpgptError
-from .tensorfile import load_safetensors
 
 SCHEME = "int8-per-channel"
 _SMALL = 8  # up to this many rows the int8 kernels run; more rows dequantize in blocks and use BLAS
@@ -113,9 +111,9 @@ def quantized_names(shapes) -> dict[str, int]:
     return out
 
 
-def load_quantized_params(path: Path, shapes) -> dict:
-    """The params dict of an int8 checkpoint: float32 arrays and Int8Weight matrices (memory-mapped)."""
-    tensors, _ = load_safetensors(path, mmap=True)
+def quantized_params(tensors: dict, shapes, where: str = "model.safetensors") -> dict:
+    """The params dict of an int8 checkpoint from its stored tensors (name.q, name.scale for the
+    quantized matrices): float32 arrays and Int8Weight matrices, no copies."""
     axes = quantized_names(shapes)
     params = {}
     for name, shape in shapes:
@@ -123,14 +121,14 @@ def load_quantized_params(path: Path, shapes) -> dict:
             q, s = tensors.get(name + ".q"), tensors.get(name + ".scale")
             if q is None or s is None or q.dtype != np.int8 or tuple(q.shape) != tuple(shape) or \
                     s.shape != (shape[axes[name]],):
-                raise NpgptError(f"{path}: quantized tensor {name} is missing or does not match the config")
+                raise NpgptError(f"{where}: quantized tensor {name} is missing or does not match the config")
             params[name] = Int8Weight(q, s, axes[name])
         else:
             t = tensors.get(name)
             if t is None or tuple(t.shape) != tuple(shape):
-                raise NpgptError(f"{path}: tensor {name} is missing or does not match the config")
+                raise NpgptError(f"{where}: tensor {name} is missing or does not match the config")
             params[name] = t
     return params
 
 
-__all__ = ["Int8Weight", "quantize_matrix", "quantized_names", "load_quantized_params", "SCHEME"]
+__all__ = ["Int8Weight", "quantize_matrix", "quantized_names", "quantized_params", "SCHEME"]
