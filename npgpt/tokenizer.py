@@ -8,8 +8,8 @@ import json
 import re
 from pathlib import Path
 
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from .assets import weights_dir
 from .errors import NpgptError
