@@ -126,15 +126,17 @@ def load_model(directory: str | Path, *, mmap: bool = True):
         raise NpgptError(f"{d} has no model.safetensors")
     # every layer has tensors of its own: a config with more layers than the file has tensors is
     # refused before anything is built from it (n_layer: 100000000 must not hang)
-    if config.n_layer > len(read_safetensors_header(weights)[0]):
+    header = read_safetensors_header(weights)  # read once, validated once, for both checks and the load
+    if config.n_layer > len(header[0]):
         raise NpgptError(f"{weights}: holds fewer tensors than the config's {config.n_layer} layers need")
     quant = cfg.get("quantization")
     if quant:
         if quant.get("scheme") != SCHEME:
             raise NpgptError(f"{d}: unknown quantization scheme {quant.get('scheme')!r}")
-        params = quantized_params(load_safetensors(weights, mmap=True)[0], param_shapes(config), str(weights))
+        params = quantized_params(load_safetensors(weights, mmap=True, header=header)[0], param_shapes(config),
+                                  str(weights))
     else:
-        flat, _ = load_flat(weights, param_shapes(config), mmap=mmap)
+        flat, _ = load_flat(weights, param_shapes(config), mmap=mmap, header=header)
     tok = None
     if cfg.get("tokenizer"):
         tok = Tokenizer.load(current(d, "tokenizer.json").parent, cfg["tokenizer"]["kind"])

@@ -210,10 +210,10 @@ def _as_array(buf: np.ndarray, dt: str, shape) -> np.ndarray:
     return buf.view(DTYPES[dt]).reshape(shape)
 
 
-def load_safetensors(path: str | Path, mmap: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+def load_safetensors(path: str | Path, mmap: bool = True, header=None) -> tuple[dict[str, np.ndarray], dict]:
     """All tensors of a file as arrays (memory-mapped read-only views when mmap and aligned, else copies)
-    plus the metadata dict."""
-    entries, meta, start = read_safetensors_header(path)
+    plus the metadata dict. `header`: what read_safetensors_header(path) returned, if already read."""
+    entries, meta, start = header or read_safetensors_header(path)
     raw = np.memmap(path, dtype=np.uint8, mode="r") if mmap else np.fromfile(path, dtype=np.uint8)
     out = {}
     for name, e in entries.items():
@@ -224,11 +224,12 @@ def load_safetensors(path: str | Path, mmap: bool = True) -> tuple[dict[str, np.
     return out, meta
 
 
-def load_flat(path: str | Path, shapes, mmap: bool = True) -> tuple[np.ndarray, dict]:
+def load_flat(path: str | Path, shapes, mmap: bool = True, header=None) -> tuple[np.ndarray, dict]:
     """The flat float32 parameter buffer from a safetensors file holding exactly the tensors `shapes`
     names. If the file is float32 in flat order with aligned data, the buffer is a read-only memmap of the
-    file (mmap=True) or one read (mmap=False); otherwise tensors are copied into place."""
-    entries, meta, start = read_safetensors_header(path)
+    file (mmap=True) or one read (mmap=False); otherwise tensors are copied into place. `header`: what
+    read_safetensors_header(path) returned, if already read."""
+    entries, meta, start = header = header or read_safetensors_header(path)
     want = {name: shape for name, shape in shapes}
     have = {name: e["shape"] for name, e in entries.items()}
     missing = [n for n in want if n not in have]
@@ -248,7 +249,7 @@ def load_flat(path: str | Path, shapes, mmap: bool = True) -> tuple[np.ndarray, 
         with open(path, "rb") as f:
             f.seek(start)
             return np.fromfile(f, dtype=np.float32, count=n), meta
-    tensors, meta = load_safetensors(path, mmap=True)
+    tensors, meta = load_safetensors(path, mmap=True, header=header)
     flat = np.empty(n, np.float32)
     off = 0
     for name, shape in shapes:
