@@ -86,7 +86,8 @@ def cli():
 @click.option("--force", is_flag=True, help="Overwrite prepared data in --out.")
 @threads_option
 def prepare(inputs, out, tokenizer, val_fraction, force):
-    """Tokenize text files into memory-mapped token files for training."""
+    """Tokenize text files into memory-mapped token files for training. A .jsonl input holds documents
+    ({"text": ...} per line), each followed by <|endoftext|>; other files are plain text, joined in order."""
     import npgpt
     meta = npgpt.prepare(list(inputs), out, tokenizer, val_fraction=val_fraction, force=force)
     click.echo(f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "

@@ -18,9 +18,8 @@ import numpy as np
 
 from .adapt import add_special_tokens
 from .checkpoint import load_model
-from .data import read_text
 from .errors import NpgptError
-from .evaluate import read_jsonl
+from .data import read_jsonl, read_text
 from .sampling import generate
 
 ROLES = ("system", "user", "assistant")

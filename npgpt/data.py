@@ -33,21 +33,106 @@ def read_text(path: str | Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
+    """JSON-lines records, each with its line number as "_line". Every problem a file can have (not
+    UTF-8, not JSON, too deeply nested, not an object, a missing field, a lone surrogate in a string)
+    is an NpgptError naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise NpgptError(f"data file not found: {path}")
+    items = []
+    try:
+        with open(path, "rb") as f:  # bytes: a bad UTF-8 sequence is reported with its line
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise NpgptError(f"{path}:{n}: not valid UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except RecursionError:
+                    raise NpgptError(f"{path}:{n}: JSON nested too deeply") from None
+                except ValueError:
+                    raise NpgptError(f"{path}:{n}: not valid JSON") from None
+                if not isinstance(rec, dict):
+                    raise NpgptError(f"{path}:{n}: expected a JSON object")
+                if not _all_text_encodable(rec):
+                    raise NpgptError(f"{path}:{n}: a string holds a lone surrogate (\\ud800-\\udfff), not text")
+                missing = [k for k in required if k not in rec]
+                if missing:
+                    raise NpgptError(f"{path}:{n}: missing field {missing[0]!r}")
+                rec["_line"] = n
+                items.append(rec)
+    except OSError as e:
+        raise NpgptError(f"cannot read {path}: {e.strerror or e}") from None
+    if not items:
+        raise NpgptError(f"{path}: no records")
+    return items
+
+
+def _all_text_encodable(obj) -> bool:
+    """False when some string (key or value) anywhere in a parsed JSON value has no UTF-8 form, i.e. a
+    "\\ud800"-style escape without its pair. Iterative: the nesting may be as deep as the parser allows."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+    return True
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """The "text" field of every record of a JSON-lines file: one document per line."""
+    docs = []
+    for rec in read_jsonl(path, required=("text",)):
+        if not isinstance(rec["text"], str):
+            raise NpgptError(f"{path}:{rec['_line']}: \"text\" must be a string")
+        docs.append(rec["text"])
+    return docs
+
+
 def prepare(inputs, out: str | Path, tokenizer: str | Tokenizer = "char", val_fraction: float = 0.1,
             force: bool = False) -> dict:
     """Tokenize the input files (joined in order) into `out`/train.bin and val.bin: the first
-    (1 - val_fraction) of the tokens train, the rest validate. Returns the meta dict."""
+    (1 - val_fraction) of the tokens train, the rest validate. Returns the meta dict.
+
+    A .jsonl input is a set of documents (one {"text": ...} per line), each followed by <|endoftext|>
+    so that the model learns where one ends (GPT-2's convention); other inputs are plain text."""
     if not inputs:
         raise NpgptError("no input files given")
     if not 0.0 <= val_fraction < 1.0:
         raise NpgptError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     out = Path(out)
-    texts = [read_text(p) for p in inputs]
-    for p, t in zip(inputs, texts):
+    parts = [read_documents(p) if Path(p).suffix == ".jsonl" else read_text(p) for p in inputs]
+    for p, t in zip(inputs, parts):
         if not t:
             raise NpgptError(f"input file is empty: {p}")
+    texts = [t for part in parts for t in (part if isinstance(part, list) else [part])]
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else make_tokenizer(tokenizer, texts)
-    ids = np.array(tok.encode_corpus("".join(texts)), dtype=np.int64)
+    if tok.eot_id is None and any(isinstance(part, list) for part in parts):
+        raise NpgptError("documents (.jsonl inputs) are separated by <|endoftext|>, which this tokenizer lacks; "
+                         "use a BPE tokenizer (bpe:N or gpt2)")
+    chunks, plain = [], []  # consecutive plain files are one text, as if concatenated
+    for part in parts + [None]:
+        if isinstance(part, str):
+            plain.append(part)
+            continue
+        if plain:
+            chunks.append(np.array(tok.encode_corpus("".join(plain)), dtype=np.int64))
+            plain = []
+        if part is not None:
+            chunks.append(np.array(tok.encode_documents(part), dtype=np.int64))
+    ids = np.concatenate(chunks)
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     n_val = int(len(ids) * val_fraction)
     n_train = len(ids) - n_val

@@ -8,16 +8,15 @@ every token after the first window at least block_size - stride + 1 tokens of co
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import string
 import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
+from .data import read_jsonl
 from .errors import NpgptError
 from .model import GPT, KVCache
 from .sampling import cut_at_stop, generate
@@ -94,65 +93,6 @@ def perplexity(model: GPT, text: str | None = None, ids=None, stride: int | None
         nbytes = len(text.encode("utf-8")) - token_bytes(model.tokenizer, ids[0])
         out.update(bytes=nbytes, bits_per_byte=total / math.log(2) / max(1, nbytes))
     return out
-
-
-# ---------------------------------------------------------------- data files
-def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
-    """JSON-lines records, each with its line number as "_line". Every problem a file can have (not
-    UTF-8, not JSON, too deeply nested, not an object, a missing field, a lone surrogate in a string)
-    is an NpgptError naming file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise NpgptError(f"data file not found: {path}")
-    items = []
-    try:
-        with open(path, "rb") as f:  # bytes: a bad UTF-8 sequence is reported with its line
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-                except UnicodeDecodeError:
-                    raise NpgptError(f"{path}:{n}: not valid UTF-8") from None
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except RecursionError:
-                    raise NpgptError(f"{path}:{n}: JSON nested too deeply") from None
-                except ValueError:
-                    raise NpgptError(f"{path}:{n}: not valid JSON") from None
-                if not isinstance(rec, dict):
-                    raise NpgptError(f"{path}:{n}: expected a JSON object")
-                if not _all_text_encodable(rec):
-                    raise NpgptError(f"{path}:{n}: a string holds a lone surrogate (\\ud800-\\udfff), not text")
-                missing = [k for k in required if k not in rec]
-                if missing:
-                    raise NpgptError(f"{path}:{n}: missing field {missing[0]!r}")
-                rec["_line"] = n
-                items.append(rec)
-    except OSError as e:
-        raise NpgptError(f"cannot read {path}: {e.strerror or e}") from None
-    if not items:
-        raise NpgptError(f"{path}: no records")
-    return items
-
-
-def _all_text_encodable(obj) -> bool:
-    """False when some string (key or value) anywhere in a parsed JSON value has no UTF-8 form, i.e. a
-    "\\ud800"-style escape without its pair. Iterative: the nesting may be as deep as the parser allows."""
-    stack = [obj]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, dict):
-            stack.extend(x.keys())
-            stack.extend(x.values())
-        elif isinstance(x, list):
-            stack.extend(x)
-        elif isinstance(x, str):
-            try:
-                x.encode("utf-8")
-            except UnicodeEncodeError:
-                return False
-    return True
 
 
 def _where(it: dict, path=None) -> str:

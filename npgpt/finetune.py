@@ -25,9 +25,8 @@ import numpy as np
 from .adapt import TaskHead, add_special_tokens
 from .checkpoint import load_head, load_model, read_config, save_checkpoint
 from .config import check_fields
-from .data import read_text
 from .errors import NpgptError
-from .evaluate import read_jsonl
+from .data import read_jsonl, read_text
 from .files import claim_out
 from .model import GPT
 from .optim import AdamW, lr_linear, require_finite

@@ -76,6 +76,19 @@ class Tokenizer:
             out.extend(enc.ids)
         return out
 
+    def encode_documents(self, docs) -> list[int]:
+        """Encode documents in parallel, each followed by the <|endoftext|> control id (plain text
+        otherwise, as encode)."""
+        if self.eot_id is None:
+            raise NpgptError("this tokenizer has no <|endoftext|> to separate documents")
+        for d in docs:
+            check_text(d)
+        out: list[int] = []
+        for enc in self.tk.encode_batch(list(docs), add_special_tokens=False):
+            out.extend(enc.ids)
+            out.append(self.eot_id)
+        return out
+
     def decode(self, ids) -> str:
         """ids -> str. Byte-level tokens that split a multi-byte character decode to U+FFFD, never crash."""
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)

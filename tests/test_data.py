@@ -28,6 +28,48 @@ def test_prepare_joins_inputs_and_normalises_newlines(tmp_path):
     assert d.tokenizer.decode(d.tokens("train")) == "one\ntwo\nthree\nfour\n"
 
 
+def test_prepare_jsonl_documents_end_in_endoftext(tmp_path):
+    """A .jsonl input is documents: each is followed by the <|endoftext|> control id, a document's own
+    "<|endoftext|>" text stays plain text, and plain files around it are joined as before."""
+    docs = ["first review.\n\nIt was fine.", "second <|endoftext|> one", "third"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t, "label": 1}) + "\n" for t in docs))
+    (tmp_path / "a.txt").write_text("plain text here\n" * 20)
+    prepare([tmp_path / "a.txt", tmp_path / "d.jsonl"], tmp_path / "d", "bpe:300", val_fraction=0.0)
+    d = TokenData(tmp_path / "d")
+    ids = d.tokens("train").tolist()
+    eot = d.tokenizer.eot_id
+    assert ids.count(eot) == 3 and ids[-1] == eot
+    first = ids.index(eot)
+    assert d.tokenizer.decode(ids[:first]) == "plain text here\n" * 20 + docs[0]
+    rest = ids[first + 1:]
+    parts, cur = [], []
+    for i in rest:
+        if i == eot:
+            parts.append(d.tokenizer.decode(cur))
+            cur = []
+        else:
+            cur.append(i)
+    assert parts == docs[1:]
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"text": 3}\n', r"d\.jsonl:1: \"text\" must be a string"),
+    ('{"body": "x"}\n', r"d\.jsonl:1: missing field 'text'"),
+    ('not json\n', r"d\.jsonl:1: not valid JSON"),
+])
+def test_prepare_bad_jsonl_documents(tmp_path, content, match):
+    (tmp_path / "d.jsonl").write_text(content)
+    with pytest.raises(NpgptError, match=match):
+        prepare([tmp_path / "d.jsonl"], tmp_path / "d", "bpe:300")
+    assert not (tmp_path / "d").exists()
+
+
+def test_prepare_jsonl_needs_an_endoftext_token(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "abc"}\n')
+    with pytest.raises(NpgptError, match="<\\|endoftext\\|>"):
+        prepare([tmp_path / "d.jsonl"], tmp_path / "d", "char")
+
+
 def test_prepare_uint32_for_large_vocab(tmp_path):
     from npgpt.tokenizer import Tokenizer
     src = tmp_path / "a.txt"
