@@ -63,6 +63,7 @@ RULES = {
     "nonneg": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "fraction": (lambda v: math.isfinite(v) and 0 <= v < 1, "in [0, 1)"),
     "unit": (lambda v: math.isfinite(v) and 0 <= v <= 1, "in [0, 1]"),
+    "flag": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 

@@ -49,10 +49,12 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0
+    scratch: bool = False            # GPT-1's control arm: the same architecture, fresh random weights
 
     def __post_init__(self):
         check_fields(self, learning_rate="positive", batch_size="count", epochs="count", warmup_fraction="unit",
-                     lm_coef="nonneg", clf_dropout="fraction", weight_decay="nonneg", grad_clip="nonneg", seed="index")
+                     lm_coef="nonneg", clf_dropout="fraction", weight_decay="nonneg", grad_clip="nonneg", seed="index",
+                     scratch="flag")
 
 
 # ---------------------------------------------------------------- data
@@ -165,8 +167,11 @@ def label_set(examples: list[dict], path="data") -> list:
 # ---------------------------------------------------------------- vocabulary
 def encode_example(model: GPT, task: str, ex: dict, ids: dict[str, int]) -> list[list[int]]:
     """The token sequences of one example (1, 2 for similar, or one per candidate for choice), each
-    ending in the extract token; the first text field is cut from the left to fit the context. The
-    start/delim/extract ids come only from here: text fields are plain text (Tokenizer.encode)."""
+    ending in the extract token. A text too long for the context keeps its head and its tail: a quarter
+    of the room from the start, the rest from the end (Sun et al. 2019 found head+tail best on long
+    reviews: the opening and the verdict carry the sentiment). In two-field tasks the first field is cut
+    from the left, as what leads into the second field matters most. The start/delim/extract ids come
+    only from here: text fields are plain text (Tokenizer.encode)."""
     enc = model.tokenizer.encode
     S, D, E = ids["<|start|>"], ids["<|delim|>"], ids["<|extract|>"]
     block = model.config.block_size
@@ -174,7 +179,10 @@ def encode_example(model: GPT, task: str, ex: dict, ids: dict[str, int]) -> list
     def fit(a, b=None):
         if b is None:
             room = block - 2
-            return [S] + a[-room:] + [E]
+            if len(a) > room:
+                head = room // 4
+                a = a[:head] + a[len(a) - (room - head):]
+            return [S] + a + [E]
         room = block - 3 - len(b)
         if room < 1:
             b = b[: block // 2]
@@ -286,6 +294,8 @@ def finetune(model_dir, task: str, train_file, val_file, out_dir, cfg: FinetuneC
         base = load_model(model_dir)
         if base.quantized:
             raise NpgptError("a quantized model cannot be fine-tuned")
+        if cfg.scratch:  # same shape and tokenizer, weights drawn as for pretraining from the seed
+            base = GPT(base.config, seed=cfg.seed, tokenizer=base.tokenizer)
         model, ids = add_special_tokens(base, SPECIALS, cfg.seed)
         head = TaskHead(model.config.n_embd, 1 if task == "choice" else len(labels), seed=cfg.seed)
         enc_train = [encode_example(model, task, ex, ids) for ex in train]

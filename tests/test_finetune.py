@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+import npgpt
 from npgpt.checkpoint import save_checkpoint
 from npgpt.config import GPTConfig
 from npgpt.errors import NpgptError
@@ -48,7 +49,12 @@ def test_input_transformations():
     seqs = encode_example(model, "choice", {"context": "q", "choices": ["x", "yz"]}, ids)
     assert seqs == [[S] + enc("q") + [D] + enc("x") + [E], [S] + enc("q") + [D] + enc("yz") + [E]]
     long = encode_example(model, "classify", {"text": "abcdefghijklmnopqrstuvwxyz"}, ids)[0]
-    assert len(long) == 24 and long[0] == S and long[-1] == E and long[-2] == enc("z")[0]  # cut from the left
+    # 22 tokens of room: the first 5 (a quarter) and the last 17, the middle dropped
+    assert long == [S] + enc("abcde") + enc("jklmnopqrstuvwxyz") + [E] and len(long) == 24
+    fits = encode_example(model, "classify", {"text": "abcdefghijklmnopqrstuv"}, ids)[0]
+    assert fits == [S] + enc("abcdefghijklmnopqrstuv") + [E]  # exactly the room: nothing cut
+    ctx = encode_example(model, "choice", {"context": "abcdefghijklmnopqrstuvwxyz", "choices": ["x"]}, ids)[0]
+    assert ctx == [S] + enc("ghijklmnopqrstuvwxyz") + [D] + enc("x") + [E]  # a context is cut from the left
 
 
 @pytest.mark.parametrize("task,examples,labels", [
@@ -202,3 +208,26 @@ def test_cli_finetune_bad_data_names_the_line(tmp_path):
                 "--out", tmp_path / "ft", "--epochs", "1", "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["finetune"]["labels"] == ["x", "y"]
+
+
+def test_cli_finetune_scratch_is_the_same_network_with_fresh_weights(tmp_path):
+    """--scratch keeps --model's architecture and tokenizer and draws the weights from the seed, as
+    GPT(config, seed) does: the control arm of GPT-1's comparison."""
+    tok = Tokenizer.train_char([ALPHABET])
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=tok.vocab_size)
+    base = GPT(cfg, seed=0, tokenizer=tok)
+    base.flat[:] = 0.5  # far from any random init
+    save_checkpoint(tmp_path / "base", base)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "ab", "label": "x"}, {"text": "ba", "label": "y"}])
+    cfg_ft = FinetuneConfig(epochs=1, learning_rate=1e-12, scratch=True, seed=7)
+    finetune(tmp_path / "base", "classify", data, data, tmp_path / "ft", cfg_ft, quiet=True)
+    got = npgpt.load(tmp_path / "ft")
+    fresh, _ = add_special_tokens(GPT(cfg, seed=7, tokenizer=tok), SPECIALS, 7)
+    assert got.config == fresh.config and got.tokenizer.same_vocab(fresh.tokenizer)
+    np.testing.assert_allclose(got.flat, fresh.flat, atol=1e-6)  # lr ~0: still the seeded init
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["finetune"]["scratch"] is True
+    r = run_cli("finetune", "--model", tmp_path / "base", "--task", "classify", "--train", data, "--val", data,
+                "--out", tmp_path / "ft2", "--epochs", "1", "--learning_rate", "1e-12", "--seed", "7", "--scratch",
+                "--quiet")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(npgpt.load(tmp_path / "ft2").flat, got.flat)
