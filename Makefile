@@ -51,13 +51,13 @@ bench: $(STAMP)
 fixtures: $(STAMP)
 	$(BIN)/python tests/make_fixtures.py
 
-# GPT-1: pretraining + fine-tuning beats training on the labels alone (SST-2 is not shipped: point at it)
+# GPT-1: pretraining on unlabelled reviews + fine-tuning beats training on the labels alone. The IMDB
+# reviews are not shipped (research use only): point IMDB at them. Resumable: rerun to continue.
+IMDB ?= ../shared/data/imdb
 SST2 ?= ../shared/data/sst2
-WARPEACE ?= ../shared/data/warpeace/warpeace_input.txt
-LAMBADA ?= ../shared/data/lambada/lambada_test.jsonl
-WIKITEXT ?= ../shared/data/wikitext2/valid.txt
 experiment-gpt1: $(STAMP)
-	$(BIN)/python examples/gpt1_sst2.py --sst2 $(SST2) --warpeace $(WARPEACE) --lambada $(LAMBADA) --wikitext $(WIKITEXT)
+	$(BIN)/python examples/imdb_data.py --imdb $(IMDB) --out runs/imdb
+	$(BIN)/python examples/gpt1_imdb.py --data runs/imdb --sst2 $(SST2) --out runs/gpt1-imdb
 
 # GPT-3: accuracy rises with the number of in-context demonstrations
 experiment-fewshot: $(STAMP)

@@ -165,24 +165,29 @@ def label_set(examples: list[dict], path="data") -> list:
 
 
 # ---------------------------------------------------------------- vocabulary
+def head_and_tail(ids: list[int], room: int) -> list[int]:
+    """`ids` cut to at most `room` tokens: the first quarter of the room from the start, the rest from
+    the end (Sun et al. 2019 found head+tail best on long reviews: the opening and the verdict carry the
+    sentiment)."""
+    if len(ids) <= room:
+        return ids
+    head = room // 4
+    return ids[:head] + ids[len(ids) - (room - head):]
+
+
 def encode_example(model: GPT, task: str, ex: dict, ids: dict[str, int]) -> list[list[int]]:
     """The token sequences of one example (1, 2 for similar, or one per candidate for choice), each
-    ending in the extract token. A text too long for the context keeps its head and its tail: a quarter
-    of the room from the start, the rest from the end (Sun et al. 2019 found head+tail best on long
-    reviews: the opening and the verdict carry the sentiment). In two-field tasks the first field is cut
-    from the left, as what leads into the second field matters most. The start/delim/extract ids come
-    only from here: text fields are plain text (Tokenizer.encode)."""
+    ending in the extract token. A single text too long for the context keeps its head and tail
+    (head_and_tail); in two-field tasks the first field is cut from the left, as what leads into the
+    second field matters most. The start/delim/extract ids come only from here: text fields are plain
+    text (Tokenizer.encode)."""
     enc = model.tokenizer.encode
     S, D, E = ids["<|start|>"], ids["<|delim|>"], ids["<|extract|>"]
     block = model.config.block_size
 
     def fit(a, b=None):
         if b is None:
-            room = block - 2
-            if len(a) > room:
-                head = room // 4
-                a = a[:head] + a[len(a) - (room - head):]
-            return [S] + a + [E]
+            return [S] + head_and_tail(a, block - 2) + [E]
         room = block - 3 - len(b)
         if room < 1:
             b = b[: block // 2]
@@ -395,4 +400,4 @@ def predict(model_dir, data_file) -> list[dict]:
 
 
 __all__ = ["FinetuneConfig", "finetune", "predict", "read_task_file", "add_special_tokens", "encode_example",
-           "task_loss", "step_loss", "TaskHead"]
+           "head_and_tail", "task_loss", "step_loss", "TaskHead"]
