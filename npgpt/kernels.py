@@ -270,3 +270,125 @@ def int8_matmul_rows(x, q, s, out):
             for c in range(C):
                 acc += x[n, c] * np.float32(q[v, c])
             out[n, v] = acc * s[v]
+
+
+# ---------------------------------------------------------------- decoding one token per row (pre-LN)
+# A decode step of a small model is ~40 NumPy calls per layer whose overhead outweighs their arithmetic
+# (0.6 ms per token for the shipped 4-layer model). One serial kernel per layer removes it; large models
+# keep BLAS (model.FUSED_DECODE_MAX), whose two threads then win.
+@nb.njit(**_rjit)
+def _dot(a, b):
+    s = a.dtype.type(0)
+    for i in range(a.shape[0]):
+        s += a[i] * b[i]
+    return s
+
+
+@nb.njit(**_rjit)
+def _linear_rows(x, W, b, out):
+    """out [N, O] = x [N, I] @ W [I, O] + b [O], four rows of W at a time: each pass over out then
+    carries four weight rows (with one, loading and storing out costs more than reading W)."""
+    N, I = x.shape
+    for n in range(N):
+        out[n] = b
+    i = 0
+    while i + 4 <= I:
+        r0, r1, r2, r3 = W[i], W[i + 1], W[i + 2], W[i + 3]
+        for n in range(N):
+            a0, a1, a2, a3 = x[n, i], x[n, i + 1], x[n, i + 2], x[n, i + 3]
+            acc = out[n]
+            for o in range(r0.shape[0]):
+                acc[o] += a0 * r0[o] + a1 * r1[o] + a2 * r2[o] + a3 * r3[o]
+        i += 4
+    for i in range(i, I):
+        row = W[i]
+        for n in range(N):
+            xi = x[n, i]
+            acc = out[n]
+            for o in range(row.shape[0]):
+                acc[o] += xi * row[o]
+
+
+@nb.njit(**_rjit)
+def _layernorm_rows(x, w, b, eps, out):
+    """out [N, C] = layernorm of each row of x [N, C] (mean and variance in float64)."""
+    N, C = x.shape
+    for n in range(N):
+        m = 0.0
+        for c in range(C):
+            m += x[n, c]
+        m /= C
+        var = 0.0
+        for c in range(C):
+            d = x[n, c] - m
+            var += d * d
+        r = 1.0 / math.sqrt(var / C + eps)
+        for c in range(C):
+            out[n, c] = (x[n, c] - m) * r * w[c] + b[c]
+
+
+@nb.njit(**_rjit)
+def _attend_one(qkv, K, V, t, kstart, n_head, y):
+    """The new token of each row: store its key and value at position t of the cache K, V [B, H, room,
+    D], then y [B, C] = softmax(q k^T / sqrt(D)) v over the keys kstart[b] .. t."""
+    B, C = y.shape
+    D = C // n_head
+    scale = y.dtype.type(1.0 / math.sqrt(D))
+    s = np.empty(t + 1, y.dtype)  # the model's dtype throughout, as the layer-by-layer path
+    acc = np.empty(D, y.dtype)
+    for b in range(B):
+        for h in range(n_head):
+            q = qkv[b, h * D:(h + 1) * D]
+            K[b, h, t] = qkv[b, C + h * D:C + (h + 1) * D]
+            V[b, h, t] = qkv[b, 2 * C + h * D:2 * C + (h + 1) * D]
+            top = -np.inf
+            for j in range(kstart[b], t + 1):
+                s[j] = _dot(q, K[b, h, j]) * scale
+                top = max(top, s[j])
+            total = 0.0
+            acc[:] = 0.0
+            for j in range(kstart[b], t + 1):
+                p = math.exp(s[j] - top)
+                total += p
+                v = V[b, h, j]
+                for d in range(D):
+                    acc[d] += p * v[d]
+            for d in range(D):
+                y[b, h * D + d] = acc[d] / total
+
+
+@nb.njit(**_rjit)
+def decode_layer(x, ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, fcp_w, fcp_b,
+                 K, V, t, kstart, eps, n_head):
+    """One pre-LN block for one new token per row, in place: x [B, C] += attn(ln_1(x)), then
+    x += mlp(ln_2(x)). The token's key and value go to position t of the layer's cache K, V [B, H, room, D];
+    row b attends to positions kstart[b] .. t."""
+    B, C = x.shape
+    h = np.empty_like(x)
+    qkv = np.empty((B, 3 * C), x.dtype)
+    y = np.empty_like(x)
+    o = np.empty_like(x)
+    f = np.empty((B, fc_w.shape[1]), x.dtype)
+    _layernorm_rows(x, ln1_w, ln1_b, eps, h)
+    _linear_rows(h, attn_w, attn_b, qkv)
+    _attend_one(qkv, K, V, t, kstart, n_head, y)
+    _linear_rows(y, proj_w, proj_b, o)
+    x += o
+    _layernorm_rows(x, ln2_w, ln2_b, eps, h)
+    _linear_rows(h, fc_w, fc_b, f)
+    for n in range(B):
+        for i in range(f.shape[1]):
+            u = f[n, i]
+            f[n, i] = 0.5 * u * (1.0 + math.tanh(GELU_C * (u + 0.044715 * u * u * u)))
+    _linear_rows(f, fcp_w, fcp_b, o)
+    x += o
+
+
+@nb.njit(**_rjit)
+def decode_head(x, w, b, eps, wte, out):
+    """out [N, V] = layernorm(x [N, C]) @ wte [V, C]^T: ln_f and the tied LM head of a decode step
+    (x is overwritten with its layernorm)."""
+    _layernorm_rows(x, w, b, eps, x)
+    for v in range(wte.shape[0]):
+        for n in range(x.shape[0]):
+            out[n, v] = _dot(x[n], wte[v])

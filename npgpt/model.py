@@ -18,6 +18,9 @@ from .malloc import keep_freed_memory
 from .params import init_params, make_views, num_params, param_shapes
 
 
+FUSED_DECODE_MAX = 1 << 20  # weights per block (4 MB in float32) up to which decoding runs fused kernels
+
+
 class KVCache:
     """Keys and values of every layer for positions 0 .. length - 1: k, v [L, B, H, room, D]."""
 
@@ -72,6 +75,14 @@ class GPT:
         return num_params(self.config)
 
     @property
+    def fused_decode(self) -> bool:
+        """Whether decoding one token per row runs the fused kernels (_decode): pre-LN float weights of
+        at most FUSED_DECODE_MAX per block. Larger blocks keep BLAS, whose two threads then win (equal at
+        GPT-2 124M), and inference without Numba (0.5 s of start-up and ~110 MB)."""
+        cfg = self.config
+        return cfg.ln == "pre" and not self.quantized and 12 * cfg.n_embd ** 2 <= FUSED_DECODE_MAX
+
+    @property
     def quantized(self) -> bool:
         """Inference-only weights (int8, see quant.py): no flat buffer, nothing to train or export."""
         return self.flat is None
@@ -95,6 +106,8 @@ class GPT:
         pad [B]: row b starts with pad[b] padding columns, which no position attends to (batches of
         prompts of different lengths, left-padded); with a cache, set kv.pad instead."""
         idx = self._check_idx(idx, kv)
+        if kv is not None and idx.shape[1] == 1 and self.fused_decode:
+            return self._decode(idx, kv)
         x = self._body(idx, kv=kv, pad=pad)
         if last_only:
             x = x[:, -1:]
@@ -209,6 +222,46 @@ class GPT:
         if acts is not None:
             acts["emb_mask"] = emb_mask
         return x
+
+    def _decode(self, idx, kv: KVCache):
+        """forward for one new token per row with a cache, for a small pre-LN model: idx [B, 1] -> logits
+        [B, 1, V]. The same math with each block fused into one kernel (kernels.decode_layer) and ln_f
+        with the tied head in another (decode_head): the ~40 NumPy calls per layer cost more than their
+        arithmetic at this size. Tests hold it equal to _body + _head."""
+        from . import kernels as K
+        cfg, p = self.config, self.params
+        dtype = p["wte.weight"].dtype
+        if kv.follow and kv.k.dtype != dtype:
+            kv.k, kv.v = kv.k.astype(dtype), kv.v.astype(dtype)
+        t = kv.length
+        x = np.ascontiguousarray(embedding_forward(idx, p["wte.weight"], p["wpe.weight"], t, kv.pad)[:, 0],
+                                 dtype=kv.k.dtype)
+        kstart = np.zeros(len(x), np.int64) if kv.pad is None else kv.pad.astype(np.int64)
+        blocks, ln_f, wte = self._fused_weights()
+        for l, weights in enumerate(blocks):
+            K.decode_layer(x, *weights, kv.k[l], kv.v[l], t, kstart, cfg.layer_norm_eps, cfg.n_head)
+        kv.length += 1
+        logits = np.empty((len(x), wte.shape[0]), x.dtype)
+        K.decode_head(x, *ln_f, cfg.layer_norm_eps, wte, logits)
+        return logits[:, None]
+
+    def _fused_weights(self):
+        """(each block's 12 tensors in decode_layer's order, (ln_f weight, bias), wte), as plain ndarrays
+        (Numba types an ndarray subclass such as a memmap on a slow path: ~10 us per argument per call),
+        with zero biases for bias=False. Built once per params dict."""
+        if getattr(self, "_fused", (None,))[0] is not self.params:
+            names = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                     "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                     "mlp.c_proj.weight", "mlp.c_proj.bias")
+            p = self.params
+
+            def tensor(name):
+                if name in p:
+                    return np.asarray(p[name])
+                return np.zeros(p[name.replace(".bias", ".weight")].shape[-1], p["wte.weight"].dtype)
+            blocks = [tuple(tensor(f"h.{l}.{n}") for n in names) for l in range(self.config.n_layer)]
+            self._fused = (p, blocks, (tensor("ln_f.weight"), tensor("ln_f.bias")), np.asarray(p["wte.weight"]))
+        return self._fused[1:]
 
     # ------------------------------------------------------------------ the block, as two residual lines
     # Pre-LN (GPT-2/3): x = x + f(ln(x)).  Post-LN (GPT-1): x = ln(x + f(x)).  f is the attention, then the

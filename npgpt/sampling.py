@@ -131,8 +131,12 @@ def generate(model: GPT, prompt, max_new_tokens: int = 100, *, temperature: floa
 
     prompt: a str or a list of ids (one prompt, repeated num_samples times), or a list of str / id lists /
     a 2-D id array (a batch; lengths may differ: rows are left-padded and the padding is masked).
-    A prompt longer than the context is cropped from the left with a warning. A row stops early when it
-    emits eos_id or its decoded continuation contains one of the `stop` strings (the returned ids then
+    A prompt longer than the context is cropped from the left with a warning. When a row's window is
+    full, its older half is dropped: its newest block_size // 2 tokens are encoded afresh and decoding
+    continues from the cache (llama.cpp's context shift; positions are learned, so a cache cannot slide
+    by one token, and re-encoding a full window for every token is 10-20x slower). Every token thus
+    sees between block_size // 2 and block_size tokens; use_cache=False follows the same windows.
+    A row stops early when it emits eos_id or its decoded continuation contains one of the `stop` strings (the returned ids then
     end with the token that completed it; decode and cut at the stop string for text). `on_token(ids [B])`
     is called with every new column of tokens, for streaming. Settings are checked (check_sampling) and
     prompts encoded before any token is made; a str prompt is plain text (see Tokenizer.encode).
@@ -163,6 +167,8 @@ def generate(model: GPT, prompt, max_new_tokens: int = 100, *, temperature: floa
     end = np.full(B, L + max_new_tokens)
     done = np.zeros(B, bool)
     n = L
+    keep = max(1, block // 2)  # what a full window keeps
+    start = pad.copy()         # each row's window: out[b, start[b]:n]
     cache = KVCache(model.config, B, length=L + max_new_tokens) if use_cache else None
     logits = _prefill(model, out[:, :n], pad, cache)
     for i in range(max_new_tokens):
@@ -182,9 +188,11 @@ def generate(model: GPT, prompt, max_new_tokens: int = 100, *, temperature: floa
                 done[b], end[b] = True, n
         if done.all() or i == max_new_tokens - 1:
             break
-        if cache is None or cache.length >= block:
-            shift = max(0, n - block)  # slide the window: drop the oldest columns
-            logits = _prefill(model, out[:, shift:n], np.maximum(pad - shift, 0), cache)
+        full = n - start > block
+        if cache is None or full.any():
+            start[full] = n - keep  # rows shift on their own count, so a batch equals its rows run alone
+            w0 = start.min()
+            logits = _prefill(model, out[:, w0:n], start - w0, cache)
         else:
             logits = model.forward(out[:, n - 1:n], kv=cache)[:, -1]
     return [out[b, pad[b]:min(end[b], n)] for b in range(B)]

@@ -107,6 +107,28 @@ def test_kv_cache_logits_equal_full_forward(ln):
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_decode_step_equals_the_layer_by_layer_forward(bias):
+    """One new token per row of a small model goes through kernels.decode_layer (a whole block in one
+    kernel) and decode_head; in float64 it must equal the uncached forward to rounding, with left
+    padding and without biases. A large model keeps the layer-by-layer path."""
+    cfg = tiny("pre", block_size=12, vocab_size=19, bias=bias)
+    m = GPT(cfg, seed=6, dtype=np.float64)
+    assert m.fused_decode
+    m.flat[:] += np.random.default_rng(0).standard_normal(m.flat.size) * 0.1  # non-trivial LN weights, biases
+    idx = np.random.default_rng(7).integers(0, 19, (3, 12))
+    pad = np.array([0, 3, 5])
+    full = m.forward(idx, pad=pad)
+    cache = KVCache(cfg, 3)
+    cache.pad = pad
+    parts = [m.forward(idx[:, :6], kv=cache)] + [m.forward(idx[:, t:t + 1], kv=cache) for t in range(6, 12)]
+    got = np.concatenate(parts, axis=1)
+    for b in range(3):
+        np.testing.assert_allclose(got[b, pad[b]:], full[b, pad[b]:], rtol=1e-12, atol=1e-12)
+    assert not GPT(tiny("pre", n_embd=512, n_head=8), seed=0).fused_decode
+    assert not GPT(tiny("post"), seed=0).fused_decode
+
+
 def test_cached_and_uncached_greedy_generation_identical():
     cfg = tiny(block_size=16, vocab_size=23, n_embd=16)
     m = GPT(cfg, seed=8)

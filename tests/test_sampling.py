@@ -30,6 +30,22 @@ def test_batch_of_different_lengths_equals_one_by_one(model, use_cache):
         assert len(got) == len(p) + 30
 
 
+def test_past_the_context_a_full_window_keeps_its_newest_half(model):
+    """The definition: token n is predicted from out[start:n], where start moves to n - block // 2
+    whenever the window would exceed the context (block 24: windows of 12..24 tokens)."""
+    block, keep = model.config.block_size, model.config.block_size // 2
+    prompt = [3, 1, 4, 1, 5]
+    got = generate(model, prompt, 60, temperature=0)[0]
+    start, windows = 0, set()
+    for n in range(len(prompt), len(got)):
+        if n - start > block:
+            start = n - keep
+        windows.add(n - start)
+        assert model.forward(got[None, start:n])[0, -1].argmax() == got[n], n
+    assert keep in windows and max(windows) == block  # shifted at least once
+    np.testing.assert_array_equal(generate(model, prompt, 60, temperature=0, use_cache=False)[0], got)
+
+
 def test_padding_is_invisible_to_logits(model):
     a = model.forward([[5, 6, 7]])
     b = model.forward([[0, 0, 5, 6, 7]], pad=np.array([2]))
