@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[ref]"
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/oversubscribe.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/matmul.py

@@ -15,6 +15,11 @@ import math
 import numba as nb
 import numpy as np
 
+from .threads import current
+
+if current() is not None:  # the policy was set before Numba started: its pool follows it
+    nb.set_num_threads(min(current(), nb.config.NUMBA_NUM_THREADS))
+
 _jit = dict(cache=True, nogil=True, error_model="numpy")
 # Row reductions (sums over C or V) are a serial chain of dependent adds unless LLVM may reorder them:
 # "reassoc" lets it keep several partial sums in vector lanes (4-8x here), "contract" fuses multiply-adds.

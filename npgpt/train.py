@@ -27,7 +27,7 @@ from .model import GPT
 from .optim import AdamW, grad_norm, lr_at, require_finite
 from .params import decay_mask
 from .tensorfile import load_safetensors
-from .threads import thread_info
+from .threads import rebalance, thread_info
 
 
 def estimate_loss(model: GPT, data: TokenData, split: str, iters: int, batch_size: int, seed: int) -> float:
@@ -204,6 +204,8 @@ def _train(data: TokenData, out: Path, preset, config_file, overrides, init, res
             tok_s = B * k * T / dt
             log({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_sec": tok_s})
             bar.update(step, loss, tok_s)
+            if step % 10 == 0:
+                rebalance()  # another npgpt job may have started or ended: take this one's share
             if step % tcfg.eval_interval == 0 or step == tcfg.max_iters:
                 tl, vl = evaluate()
                 best_val = min(best_val, vl) if math.isfinite(vl) else best_val
