@@ -129,10 +129,11 @@ def main():
         m.tokenizer = npgpt.Tokenizer.gpt2()
         save_checkpoint(CKPT, m)
         del m
-    int8_dir = CKPT.parent / "gpt2-124m-random-int8"
-    if not (int8_dir / "model.safetensors").is_file():
-        from npgpt.convert import quantize_model
-        quantize_model(CKPT, int8_dir, force=True)
+    int8_dir, fp16_dir = CKPT.parent / "gpt2-124m-random-int8", CKPT.parent / "gpt2-124m-random-fp16"
+    from npgpt.convert import quantize_model
+    for d, fmt in ((int8_dir, "int8"), (fp16_dir, "fp16")):
+        if not (d / "model.safetensors").is_file():
+            quantize_model(CKPT, d, format=fmt, force=True)
     model = npgpt.load(CKPT)
     prompt = np.random.default_rng(0).integers(0, 50257, (1, args.prompt))
     weight_bytes = model.flat.nbytes
@@ -178,14 +179,18 @@ def main():
     short = prompt[:, :8]
     _, dec_short = npgpt_figures(model, short, args.new)
     _, q8_dec_short = npgpt_figures(q8, short, args.new)
+    f16 = npgpt.load(fp16_dir)
+    _, f16_dec_short = npgpt_figures(f16, short, args.new)
+    f16_pre, _ = npgpt_figures(f16, prompt, 1)
     llama = llama_figures(hf_dir if hf_pre is not None else None, args.threads)
     for name, ours, peer in ((f"decode fp32 ({args.new}, short prompt)", dec_short, ("f32", f"tg{args.new}")),
                              (f"prefill fp32 ({args.prompt})", pre, ("f32", f"pp{args.prompt}")),
                              (f"decode int8 ({args.new}, short prompt)", q8_dec_short, ("q8_0", f"tg{args.new}")),
                              (f"prefill int8 ({args.prompt})", q8_pre, ("q8_0", f"pp{args.prompt}")),
-                             (f"decode 16-bit ({args.new})", None, ("f16", f"tg{args.new}"))):
+                             (f"decode fp16 ({args.new}, short prompt)", f16_dec_short, ("f16", f"tg{args.new}")),
+                             (f"prefill fp16 ({args.prompt})", f16_pre, ("f16", f"pp{args.prompt}"))):
         theirs = llama.get(peer[0], {}).get(peer[1]) if isinstance(llama, dict) else None
-        ours_s = f"{ours:8.1f} tok/s" if ours else "  (no 16-bit format yet)"
+        ours_s = f"{ours:8.1f} tok/s"
         peer_s = f"{theirs:8.1f} tok/s" if theirs else f"not available ({llama})" if isinstance(llama, str) else "n/a"
         r = f" | ratio {ours / theirs:.2f}x" if ours and theirs else ""
         print(f"{name:<32} npgpt {ours_s} | llama.cpp {peer[0]} {peer[1]} {peer_s}{r}", flush=True)

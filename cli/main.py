@@ -490,14 +490,16 @@ def export(model_dir, fmt, out, force):
 
 @cli.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Checkpoint dir to quantize.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Dir for the int8 checkpoint.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Dir for the quantized checkpoint.")
+@click.option("--format", "fmt", type=click.Choice(["int8", "fp16"]), default="int8", show_default=True,
+              help="int8: one scale per output channel (a quarter of the bytes); fp16: half the bytes.")
 @click.option("--force", is_flag=True, help="Overwrite a model in --out.")
 @threads_option
-def quantize(model_dir, out, force):
-    """Int8 weight-only quantization (one scale per output channel) for generate and eval."""
+def quantize(model_dir, out, fmt, force):
+    """Weight-only quantization for generate and eval: int8 or float16 matrices, float32 arithmetic."""
     from npgpt.convert import quantize_model
-    r = quantize_model(model_dir, out, force=force)
-    click.echo(f"wrote {out}: {r['int8_bytes'] / 1e6:,.1f} MB (float32: {r['fp32_bytes'] / 1e6:,.1f} MB)")
+    r = quantize_model(model_dir, out, format=fmt, force=force)
+    click.echo(f"wrote {out}: {r['bytes'] / 1e6:,.1f} MB (float32: {r['fp32_bytes'] / 1e6:,.1f} MB)")
 
 
 def main():

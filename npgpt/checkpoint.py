@@ -24,7 +24,7 @@ from .errors import NpgptError
 from .files import atomic_write_json, current, file_set
 from .model import GPT
 from .params import param_shapes
-from .quant import SCHEME, quantized_params
+from .quant import SCHEMES, quantized_params
 from .tensorfile import load_flat, load_safetensors, read_safetensors_header, write_safetensors
 from .tokenizer import Tokenizer
 
@@ -131,10 +131,10 @@ def load_model(directory: str | Path, *, mmap: bool = True):
         raise NpgptError(f"{weights}: holds fewer tensors than the config's {config.n_layer} layers need")
     quant = cfg.get("quantization")
     if quant:
-        if quant.get("scheme") != SCHEME:
+        if quant.get("scheme") not in SCHEMES:
             raise NpgptError(f"{d}: unknown quantization scheme {quant.get('scheme')!r}")
         params = quantized_params(load_safetensors(weights, mmap=True, header=header)[0], param_shapes(config),
-                                  str(weights))
+                                  str(weights), quant["scheme"])
     else:
         flat, _ = load_flat(weights, param_shapes(config), mmap=mmap, header=header)
     tok = None

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import load_model, read_config, write_config
-from .quant import SCHEME, quantize_matrix, quantized_names
+from .quant import FORMATS, quantize_matrix, quantized_names, to_half
 from .tensorfile import _as_array, _short, read_safetensors_header, write_safetensors
 from .config import GPTConfig
 from .errors import NpgptError
@@ -303,9 +303,13 @@ def _write_hf(out: Path, model):
                if tok.eot_id is not None else {})})
 
 
-def quantize_model(model_dir: str | Path, out: str | Path, *, force: bool = False) -> dict:
-    """Write an int8 copy of a checkpoint dir to `out`. Returns {"fp32_bytes", "int8_bytes"}."""
+def quantize_model(model_dir: str | Path, out: str | Path, *, format: str = "int8", force: bool = False) -> dict:
+    """Write an int8 or float16 copy (`format`) of a checkpoint dir to `out`. Returns {"fp32_bytes",
+    "bytes"}."""
     src, out = Path(model_dir), Path(out)
+    if format not in FORMATS:
+        raise NpgptError(f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
+    scheme = FORMATS[format]
     cfg = read_config(src)
     if cfg.get("quantization"):
         raise NpgptError(f"{src} is already quantized")
@@ -313,19 +317,22 @@ def quantize_model(model_dir: str | Path, out: str | Path, *, force: bool = Fals
     axes = quantized_names(model.shapes)
     tensors = []
     for name, _ in model.shapes:
-        if name in axes:
+        if name in axes and format == "fp16":  # linears (axis 1) stored (out, in): see quant.HalfWeight
+            w = model.params[name]
+            tensors.append((name, to_half(np.ascontiguousarray(w.T) if axes[name] == 1 else w, name)))
+        elif name in axes:
             qw = quantize_matrix(model.params[name], axes[name])
             tensors += [(name + ".q", qw.q), (name + ".scale", qw.scale)]
         else:
             tensors.append((name, np.ascontiguousarray(model.params[name], np.float32)))
     with claim_out(out, "checkpoint", force), file_set(out) as stage:
-        write_safetensors(stage / "model.safetensors", tensors, {"format": "npgpt", "quantization": SCHEME})
+        write_safetensors(stage / "model.safetensors", tensors, {"format": "npgpt", "quantization": scheme})
         if model.tokenizer is not None:
             model.tokenizer.save(stage)
         write_config(stage, model.config, model.tokenizer, {
-            "quantization": {"scheme": SCHEME, "source": str(src)},
+            "quantization": {"scheme": scheme, "source": str(src)},
             "provenance": {**(cfg.get("provenance") or {}), "quantized_from": str(src)}})
-    return {"fp32_bytes": model.flat.nbytes, "int8_bytes": sum(t.nbytes for _, t in tensors)}
+    return {"fp32_bytes": model.flat.nbytes, "bytes": sum(t.nbytes for _, t in tensors)}
 
 
 __all__ = ["convert_hf", "export_hf", "hf_config_to_npgpt", "quantize_model"]

@@ -14,6 +14,7 @@ import math
 
 import numba as nb
 import numpy as np
+from numba.extending import intrinsic
 
 from .threads import current
 
@@ -397,3 +398,54 @@ def decode_head(x, w, b, eps, wte, out):
     for v in range(wte.shape[0]):
         for n in range(x.shape[0]):
             out[n, v] = _dot(x[n], wte[v])
+
+
+# ---------------------------------------------------------------- float16 weights (npgpt quantize --format fp16)
+# Numba has no float16 arithmetic: the kernels read the weights as uint16 bits and widen them with
+# _half: its bits moved into a float32's places are the value times 2^-112, for normal and subnormal
+# halves alike (no branches; a branch stops LLVM vectorising the loop, 3x slower), and the sum is scaled
+# back. Matrices are stored (out, in), so each output is one dot product over a contiguous row: the
+# streaming pattern of the tied head, measured 2x faster than splitting an (in, out) matrix's rows.
+@intrinsic
+def _bits_as_float32(typingctx, v):
+    """Reinterpret an int32's bits as a float32 (an LLVM bitcast, which Numba cannot spell)."""
+    if v != nb.types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], context.get_value_type(nb.types.float32))
+    return nb.types.float32(nb.types.int32), codegen
+
+
+HALF_SCALE = np.float32(2.0 ** 112)
+
+
+@nb.njit(**_rjit)
+def _half(u):
+    """float16 bits u (uint16) -> float32, divided by 2^112 (see above)."""
+    v = np.int32(u)
+    return _bits_as_float32(np.int32(((v & np.int32(0x7FFF)) << np.int32(13)) | ((v & np.int32(0x8000)) << np.int32(16))))
+
+
+@nb.njit(**_rjit)
+def _half_dots(x, h, v0, v1, out):
+    """out[:, v] = x [N, C] @ float32(h[v]) for v0 <= v < v1 (x pre-scaled by 2^112, see above)."""
+    for v in range(v0, v1):
+        row = h[v]
+        for n in range(x.shape[0]):
+            xn = x[n]
+            s = np.float32(0.0)
+            for c in range(row.shape[0]):
+                s += xn[c] * _half(row[c])
+            out[n, v] = s
+
+
+@nb.njit(**_pjit)
+def half_matmul_rows(x, h, out, T):
+    """out [N, V] = x [N, C] @ float32(h [V, C])^T (h: float16 bits as uint16), h's rows split among T
+    threads. |x| must stay below 2^16 (the caller checks): x is scaled by 2^112 first."""
+    x = x * HALF_SCALE
+    V = h.shape[0]
+    chunk = (V + T - 1) // T
+    for t in nb.prange(T):
+        _half_dots(x, h, t * chunk, min(V, (t + 1) * chunk), out)

@@ -1,13 +1,16 @@
-"""Int8 weight-only quantization: symmetric, one float32 scale per output channel.
+"""Weight-only quantization for inference: int8 (symmetric, one float32 scale per output channel) or
+float16.
 
 Every 2-D matrix that a matmul reads (attention and MLP weights, and the tied token embedding / LM
-head) is stored as int8 `q` with scales `s`, w ~ q * s. Biases, layernorms and the position embedding
-stay float32. At inference the Numba kernels in kernels.py multiply by the int8 weights directly,
-dequantizing on the fly, so a decode step reads a quarter of the bytes.
+head) is stored as int8 `q` with scales `s`, w ~ q * s, or as float16. Biases, layernorms and the position embedding stay float32. At
+inference the Numba kernels in kernels.py multiply by the stored weights directly, widening them on
+the fly, so a decode step reads a quarter (int8) or a half (float16) of the bytes; products with many
+rows (a prefill) widen blocks of the matrix and use BLAS.
 
-`Int8Weight` stands in for the float matrix in the model's params dict: it supports `x @ w`, `w.T`
-(for the tied head) and `w[idx]` (embedding rows), so model.py runs unchanged on a quantized model.
-Array code only: reading and writing int8 checkpoints is checkpoint.py's and convert.py's.
+`Int8Weight` and `HalfWeight` stand in for the float matrix in the model's params dict: they support
+`x @ w`, `w.T` (for the tied head) and `w[idx]` (embedding rows), so model.py runs unchanged on a
+quantized model. Array code only: reading and writing these checkpoints is checkpoint.py's and
+convert.py's.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import numpy as np
 from .errors import NpgptError
 
 SCHEME = "int8-per-channel"
+SCHEMES = (SCHEME, "fp16")
+FORMATS = {"int8": SCHEME, "fp16": "fp16"}  # npgpt quantize --format -> the scheme in config.json
 _SMALL = 8  # up to this many rows the int8 kernels run; more rows dequantize in blocks and use BLAS
 _BLOCK = 1 << 22  # values dequantized at a time on the BLAS path (16 MB of float32)
 
@@ -90,6 +95,62 @@ class Int8Weight:
         return out
 
 
+class HalfWeight(Int8Weight):
+    """A float16 matrix h [R, C] standing for h (or h^T when transposed); the matmul, transpose and row
+    lookup of Int8Weight, with float16 widening. Linear weights are stored (out, in), i.e. a linear
+    [in, out] is HalfWeight(w.T, transposed=True), like the LM head wte^T: each output is then one
+    contiguous dot product (kernels.half_matmul_rows)."""
+
+    def __init__(self, h: np.ndarray, transposed: bool = False):
+        self.h, self.transposed = h, transposed
+
+    @property
+    def shape(self):
+        return self.h.shape[::-1] if self.transposed else self.h.shape
+
+    @property
+    def nbytes(self):
+        return self.h.nbytes
+
+    @property
+    def T(self):
+        return HalfWeight(self.h, not self.transposed)
+
+    def dequantize(self) -> np.ndarray:
+        w = self.h.astype(np.float32)
+        return w.T if self.transposed else w
+
+    def __getitem__(self, idx):
+        if self.transposed:
+            raise TypeError("row lookup is only defined for the untransposed embedding")
+        return self.h[idx].astype(np.float32)
+
+    def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
+        """x [..., K] @ self [K, M] -> [..., M] float32."""
+        from . import kernels as K
+        x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+        bits = self.h.view(np.uint16)
+        # the kernel scales x by 2^112 (kernels._half): from |x| = 2^16 on that overflows float32
+        if x2.shape[0] > _SMALL or not self.transposed or not np.abs(x2).max(initial=0.0) < 2.0 ** 16:
+            out = self._blocked_matmul(x2)
+        else:
+            out = np.empty((x2.shape[0], self.h.shape[0]), np.float32)
+            K.half_matmul_rows(x2, bits, out, K.nb.get_num_threads())
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _columns(self, j0: int, j1: int) -> np.ndarray:
+        return self.h[:, j0:j1].astype(np.float32) if not self.transposed else self.h[j0:j1].astype(np.float32).T
+
+
+def to_half(w: np.ndarray, name: str = "weight") -> np.ndarray:
+    """float16 copy of w (round to nearest); values beyond float16's range are an error."""
+    w = np.asarray(w, np.float32)
+    big = float(np.abs(w).max()) if w.size else 0.0
+    if not np.isfinite(big) or big > float(np.finfo(np.float16).max):
+        raise NpgptError(f"{name}: values up to {big:g} do not fit float16 (max 65504); use --format int8")
+    return w.astype(np.float16)
+
+
 def quantize_matrix(w: np.ndarray, axis: int) -> Int8Weight:
     """Symmetric int8: scale = max|w| / 127 over each channel of `axis` (1: per column, 0: per row)."""
     w = np.asarray(w, np.float32)
@@ -111,13 +172,19 @@ def quantized_names(shapes) -> dict[str, int]:
     return out
 
 
-def quantized_params(tensors: dict, shapes, where: str = "model.safetensors") -> dict:
-    """The params dict of an int8 checkpoint from its stored tensors (name.q, name.scale for the
-    quantized matrices): float32 arrays and Int8Weight matrices, no copies."""
+def quantized_params(tensors: dict, shapes, where: str = "model.safetensors", scheme: str = SCHEME) -> dict:
+    """The params dict of a quantized checkpoint from its stored tensors (int8: name.q and name.scale;
+    fp16: name, as F16): float32 arrays and Int8Weight / HalfWeight matrices, no copies."""
     axes = quantized_names(shapes)
     params = {}
     for name, shape in shapes:
-        if name in axes:
+        if name in axes and scheme == "fp16":
+            h = tensors.get(name)
+            stored = tuple(shape) if axes[name] == 0 else tuple(shape)[::-1]  # linears are stored (out, in)
+            if h is None or h.dtype != np.float16 or tuple(h.shape) != stored:
+                raise NpgptError(f"{where}: float16 tensor {name} is missing or does not match the config")
+            params[name] = HalfWeight(h, transposed=axes[name] == 1)
+        elif name in axes:
             q, s = tensors.get(name + ".q"), tensors.get(name + ".scale")
             if q is None or s is None or q.dtype != np.int8 or tuple(q.shape) != tuple(shape) or \
                     s.shape != (shape[axes[name]],):
@@ -131,4 +198,5 @@ def quantized_params(tensors: dict, shapes, where: str = "model.safetensors") ->
     return params
 
 
-__all__ = ["Int8Weight", "quantize_matrix", "quantized_names", "quantized_params", "SCHEME"]
+__all__ = ["Int8Weight", "HalfWeight", "quantize_matrix", "to_half", "quantized_names", "quantized_params", "SCHEME",
+           "SCHEMES", "FORMATS"]

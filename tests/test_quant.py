@@ -1,4 +1,4 @@
-"""Int8 weight-only quantization: kernels against the dequantized matmul, quality, the checkpoint."""
+"""Weight-only quantization (int8, float16): kernels against the dequantized matmul, quality, the checkpoint."""
 import numpy as np
 import pytest
 
@@ -7,7 +7,7 @@ from npgpt.convert import convert_hf
 from npgpt.errors import NpgptError
 from npgpt.evaluate import perplexity
 from npgpt.convert import quantize_model
-from npgpt.quant import Int8Weight, quantize_matrix
+from npgpt.quant import HalfWeight, Int8Weight, quantize_matrix, to_half
 
 from conftest import CORPUS, run_cli
 from test_hf import FIX
@@ -24,6 +24,50 @@ def test_int8_matmuls_equal_dequantized_matmul(n):
     np.testing.assert_allclose(e[[3, 5]], e.dequantize()[[3, 5]])
 
 
+@pytest.mark.parametrize("n", [1, 3, 20])
+def test_half_matmuls_equal_widened_matmul(n):
+    """The float16 kernels (decode: n <= 8 rows) and the blocked BLAS path (n > 8) against float32
+    arithmetic on the widened matrix, which must equal NumPy's own float16 -> float32 conversion."""
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((49, 81)).astype(np.float32)
+    raw[0, :5] = [0.0, -0.0, 1e-6, -3e-5, 65504.0]  # zeros, subnormals, the largest half
+    w = HalfWeight(to_half(raw.T), transposed=True)  # a linear [49, 81], stored (out, in)
+    assert w.shape == (49, 81) and w.h[2, 0] != 0 and w.h[3, 0] < 0 and w.h[4, 0] == 65504
+    x = rng.standard_normal((n, 49)).astype(np.float32)
+    np.testing.assert_array_equal(w.dequantize(), w.h.astype(np.float32).T)
+    np.testing.assert_allclose(x @ w, x @ w.dequantize(), rtol=1e-5, atol=1e-2)  # 65504 * x: large products
+    one = np.zeros((1, 49), np.float32)
+    one[0, 0] = 1.0  # row 0 exactly, through the kernel: subnormals and signs widened bit for bit
+    np.testing.assert_array_equal((one @ w)[0], w.h[:, 0].astype(np.float32))
+    one[0, 0] = 1e6  # beyond what the kernel's 2^112 scaling allows: the widened path, still right
+    np.testing.assert_allclose((one @ w)[0], 1e6 * w.h[:, 0].astype(np.float32), rtol=1e-6)
+    e = HalfWeight(to_half(rng.standard_normal((90, 49)).astype(np.float32)))  # an embedding / head
+    np.testing.assert_allclose(x @ e.T, x @ e.dequantize().T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(e[[3, 5]], e.dequantize()[[3, 5]])
+    with pytest.raises(NpgptError, match="do not fit float16"):
+        to_half(np.array([1e5], np.float32))
+
+
+def test_fp16_gpt2_fixture_logits_within_1e_2_of_fp32(tmp_path):
+    fp = convert_hf(FIX / "l2h4c32", tmp_path / "fp32")
+    r = quantize_model(fp, tmp_path / "fp16", format="fp16")
+    assert r["bytes"] < 0.6 * r["fp32_bytes"]
+    a, b = npgpt.load(fp), npgpt.load(tmp_path / "fp16")
+    assert isinstance(b.params["h.0.mlp.c_fc.weight"], HalfWeight) and b.quantized
+    idx = np.random.default_rng(0).integers(0, a.config.vocab_size, (2, 24))
+    np.testing.assert_allclose(b.forward(idx), a.forward(idx), atol=1e-2)
+    from npgpt.model import KVCache  # the decode path (float16 kernels) too
+    ka, kb = KVCache(a.config, 2), KVCache(b.config, 2)
+    a.forward(idx[:, :20], kv=ka), b.forward(idx[:, :20], kv=kb)
+    np.testing.assert_allclose(b.forward(idx[:, 20:21], kv=kb), a.forward(idx[:, 20:21], kv=ka), atol=1e-2)
+    np.testing.assert_array_equal(npgpt.generate(a, [5, 6, 7], 10, temperature=0)[0],
+                                  npgpt.generate(b, [5, 6, 7], 10, temperature=0)[0])
+    r = run_cli("quantize", "--model", fp, "--out", tmp_path / "cli16", "--format", "fp16")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("generate", "To be", "--model", tmp_path / "cli16", "-n", "8", "--seed", "0")
+    assert r.returncode == 0 and r.stdout.startswith("To be"), r.stderr
+
+
 def test_quantization_error_is_per_channel():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((64, 32)).astype(np.float32) * np.linspace(0.01, 10, 32, dtype=np.float32)
@@ -36,7 +80,7 @@ def test_quantization_error_is_per_channel():
 def test_quantized_gpt2_fixture_perplexity_within_one_percent(tmp_path):
     fp = convert_hf(FIX / "l2h4c32", tmp_path / "fp32")
     r = quantize_model(fp, tmp_path / "int8")
-    assert r["int8_bytes"] < 0.4 * r["fp32_bytes"]
+    assert r["bytes"] < 0.4 * r["fp32_bytes"]
     a, b = npgpt.load(fp), npgpt.load(tmp_path / "int8")
     assert isinstance(b.params["h.0.mlp.c_fc.weight"], Int8Weight)
     text = CORPUS.read_text()[20_000:24_000]
