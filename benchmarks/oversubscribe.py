@@ -1,6 +1,6 @@
 """Two npgpt trainings at once on the same cores, with the default thread policy (no --threads): each
 should run at about half the speed of one alone, not collapse (two 2-thread BLAS pools that busy-wait on
-2 cores were measured 3.5x slower per step each). Rows: one alone, two together, and two together with
+2 cores fight each other). Rows: one alone, two together, and two together with
 `--threads <all cores>` forced (what the policy avoids).
 
     python benchmarks/oversubscribe.py [--iters 60]

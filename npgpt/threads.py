@@ -8,9 +8,9 @@ measured to slow a training step 6x. Set with `set_threads(n)` or the CLI's `--t
 
 The default (no `n`, no $NPGPT_THREADS) shares the cores among the npgpt processes of this user that
 run on it: each holds a lock on a file named after its pid in a per-user dir, and takes
-cores // (live holders) threads. Two default-policy trainings on 2 cores were measured 3.5x slower
-per step each with 2 threads apiece than with 1. Long jobs call `rebalance()` as they go, so a
-process that starts or ends elsewhere changes their share within a few steps.
+cores // (live holders) threads. Two baby trainings side by side on 2 cores each took 3.75x the time of
+one alone with 2 threads apiece, 1.5x when sharing (benchmarks/oversubscribe.py). Training calls
+`rebalance()` every 10 steps, so a process that starts or ends elsewhere changes its share soon.
 """
 from __future__ import annotations
 
