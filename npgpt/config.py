@@ -29,10 +29,17 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02          # residual projections get init_std / sqrt(2 * n_layer)
     n_inner: int = 0                # MLP width; 0 means 4 * n_embd
+    attn_window: int = 0            # banded layers: query i sees keys max(0, i - w + 1) .. i; 0 = dense
+    attn_pattern: str = "D"         # D dense / B banded per layer, tiled over the layers (GPT-3: "BD")
 
     @property
     def d_ff(self) -> int:
         return self.n_inner or 4 * self.n_embd
+
+    def window(self, layer: int) -> int:
+        """The attention window of `layer`: attn_window for a banded layer, 0 (dense) otherwise."""
+        banded = self.attn_pattern[layer % len(self.attn_pattern)] == "B"
+        return self.attn_window if banded and self.attn_window else 0
 
     @property
     def head_dim(self) -> int:
@@ -52,6 +59,11 @@ class GPTConfig:
             raise NpgptError(f"config: dropout must be in [0, 1), got {self.dropout}")
         if not self.layer_norm_eps > 0:
             raise NpgptError(f"config: layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        if self.attn_window < 0:
+            raise NpgptError(f"config: attn_window must be >= 0 (0: dense), got {self.attn_window}")
+        if not self.attn_pattern or set(self.attn_pattern) - {"B", "D"}:
+            raise NpgptError(f"config: attn_pattern must be a non-empty string of B (banded) and D (dense), "
+                             f"got {self.attn_pattern!r}")
         return self
 
 
@@ -126,7 +138,10 @@ PRESETS: dict[str, dict] = {
     "gpt2-355m": dict(n_layer=24, n_head=16, n_embd=1024),
     "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280),
     "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600),
-    **{name: dict(n_layer=l, n_embd=d, n_head=h, block_size=2048) for name, (l, d, h) in _GPT3_TABLE.items()},
+    # GPT-3 alternates dense and locally banded layers; the paper gives no band width: 256 is our choice
+    # (GPT-Neo's window), banded first as gpt-oss and GPT-Neo order them
+    **{name: dict(n_layer=l, n_embd=d, n_head=h, block_size=2048, attn_window=256, attn_pattern="BD")
+       for name, (l, d, h) in _GPT3_TABLE.items()},
 }
 # GPT-3 13B's d_model is 5140 in the paper with 40 heads of 128; 5140 is not divisible by 40, so use 5120.
 PRESETS["gpt3-13b"]["n_embd"] = 5120

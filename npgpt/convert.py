@@ -264,6 +264,9 @@ def export_hf(model_dir: str | Path, out: str | Path, *, force: bool = False) ->
         raise NpgptError("a quantized checkpoint cannot be exported; export the float32 model it came from")
     if cfg.ln != "pre" or not cfg.bias:
         raise NpgptError("only GPT-2-shaped models (pre-LN with biases) can be exported in HF GPT-2 format")
+    if any(cfg.window(l) for l in range(cfg.n_layer)):
+        raise NpgptError("a model with banded attention layers cannot be exported in HF GPT-2 format: GPT-2's "
+                         "attention is dense in every layer")
     out = Path(out)
     with claim_out(out, "hf", force), file_set(out) as stage:
         _write_hf(stage, model)

@@ -155,15 +155,16 @@ def gelu_bwd_f32(dout, x, dx):
 
 
 @nb.njit(**_rjit)
-def causal_softmax_fwd(att, scale, q_offset, kstart):
-    """In place over scores att [B, H, Tq, Tk]: row i of batch b keeps keys kstart[b] <= j <= q_offset + i
-    and becomes softmax(scale * s) over them. Masked entries become exactly 0: they are skipped, never
-    given a finite penalty. kstart > 0 marks left padding; a row with no key left is all zeros."""
+def causal_softmax_fwd(att, scale, q_offset, kstart, window=0):
+    """In place over scores att [B, H, Tq, Tk]: row i of batch b keeps keys j0 <= j <= q_offset + i, where
+    j0 = kstart[b], or max(kstart[b], q_offset + i - window + 1) for a banded layer (window > 0), and
+    becomes softmax(scale * s) over them. Masked entries become exactly 0: they are skipped, never given a
+    finite penalty. kstart > 0 marks left padding; a row with no key left is all zeros."""
     B, H, Tq, Tk = att.shape
     for b in range(B):
-        j0 = kstart[b]
         for h in range(H):
             for i in range(Tq):
+                j0 = kstart[b] if window <= 0 else max(kstart[b], q_offset + i - window + 1)
                 n = min(q_offset + i + 1, Tk)
                 mx = -np.inf
                 for j in range(j0, n):
@@ -186,13 +187,13 @@ def causal_softmax_fwd(att, scale, q_offset, kstart):
 
 
 @nb.njit(**_rjit)
-def causal_softmax_bwd(datt, att, scale, q_offset, kstart):
+def causal_softmax_bwd(datt, att, scale, q_offset, kstart, window=0):
     """In place: datt (grad wrt probabilities) becomes the grad wrt the raw scores s (before scale)."""
     B, H, Tq, Tk = att.shape
     for b in range(B):
-        j0 = kstart[b]
         for h in range(H):
             for i in range(Tq):
+                j0 = kstart[b] if window <= 0 else max(kstart[b], q_offset + i - window + 1)
                 n = min(q_offset + i + 1, Tk)
                 dot = 0.0
                 for j in range(j0, n):
@@ -334,26 +335,28 @@ def _layernorm_rows(x, w, b, eps, out):
 
 
 @nb.njit(**_rjit)
-def _attend_one(qkv, K, V, t, kstart, n_head, y):
+def _attend_one(qkv, K, V, t, kstart, n_head, window, y):
     """The new token of each row: store its key and value at position t of the cache K, V [B, H, room,
-    D], then y [B, C] = softmax(q k^T / sqrt(D)) v over the keys kstart[b] .. t."""
+    D], then y [B, C] = softmax(q k^T / sqrt(D)) v over the keys kstart[b] .. t (and t - window + 1 ..
+    t when window > 0)."""
     B, C = y.shape
     D = C // n_head
     scale = y.dtype.type(1.0 / math.sqrt(D))
     s = np.empty(t + 1, y.dtype)  # the model's dtype throughout, as the layer-by-layer path
     acc = np.empty(D, y.dtype)
     for b in range(B):
+        j0 = kstart[b] if window <= 0 else max(kstart[b], t - window + 1)
         for h in range(n_head):
             q = qkv[b, h * D:(h + 1) * D]
             K[b, h, t] = qkv[b, C + h * D:C + (h + 1) * D]
             V[b, h, t] = qkv[b, 2 * C + h * D:2 * C + (h + 1) * D]
             top = -np.inf
-            for j in range(kstart[b], t + 1):
+            for j in range(j0, t + 1):
                 s[j] = _dot(q, K[b, h, j]) * scale
                 top = max(top, s[j])
             total = 0.0
             acc[:] = 0.0
-            for j in range(kstart[b], t + 1):
+            for j in range(j0, t + 1):
                 p = math.exp(s[j] - top)
                 total += p
                 v = V[b, h, j]
@@ -365,10 +368,10 @@ def _attend_one(qkv, K, V, t, kstart, n_head, y):
 
 @nb.njit(**_rjit)
 def decode_layer(x, ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, fcp_w, fcp_b,
-                 K, V, t, kstart, eps, n_head):
+                 K, V, t, kstart, eps, n_head, window):
     """One pre-LN block for one new token per row, in place: x [B, C] += attn(ln_1(x)), then
     x += mlp(ln_2(x)). The token's key and value go to position t of the layer's cache K, V [B, H, room, D];
-    row b attends to positions kstart[b] .. t."""
+    row b attends to positions kstart[b] .. t, the last `window` of them in a banded layer."""
     B, C = x.shape
     h = np.empty_like(x)
     qkv = np.empty((B, 3 * C), x.dtype)
@@ -377,7 +380,7 @@ def decode_layer(x, ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, 
     f = np.empty((B, fc_w.shape[1]), x.dtype)
     _layernorm_rows(x, ln1_w, ln1_b, eps, h)
     _linear_rows(h, attn_w, attn_b, qkv)
-    _attend_one(qkv, K, V, t, kstart, n_head, y)
+    _attend_one(qkv, K, V, t, kstart, n_head, window, y)
     _linear_rows(y, proj_w, proj_b, o)
     x += o
     _layernorm_rows(x, ln2_w, ln2_b, eps, h)

@@ -175,58 +175,63 @@ def merge_heads_backward(dout, n_head):
     return dout.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
 
 
-def attention_forward(q, k, v, q_offset=0, dropout=0.0, rng=None, pad=None, save=True):
-    """Causal scaled dot-product attention.
+def attention_forward(q, k, v, q_offset=0, dropout=0.0, rng=None, pad=None, save=True, window=0):
+    """Causal scaled dot-product attention, dense or locally banded.
 
     q [B, H, Tq, D] are columns q_offset .. q_offset + Tq - 1; k, v [B, H, Tk, D] are columns 0 .. Tk - 1
     (Tk = q_offset + Tq; q_offset > 0 when keys come from a KV cache). Query i sees keys j <= q_offset + i,
-    and, with left padding pad [B], only keys j >= pad[b].
+    and, with left padding pad [B], only keys j >= pad[b]; with window w > 0 (a banded layer, GPT-3's
+    locally banded pattern), only keys j >= q_offset + i - w + 1: w keys including itself.
     Returns y [B, H, Tq, D] and the cache (att probabilities [B, H, Tq, Tk], dropout mask, ...).
 
     With more than ATTN_TILE queries, or when all heads' scores would take more than
-    ATTN_MATERIALIZE_BYTES, attention runs in tiles of ATTN_TILE query rows, one head at a time: memory
-    grows linearly with T, and the backward recomputes each tile's probabilities instead of keeping
-    them (measured faster from T = 256 on, and 8x less memory at T = 1024). Attention dropout needs
-    the kept probabilities, so it takes the materialised path.
+    ATTN_MATERIALIZE_BYTES, or in a banded layer whose band is narrower than the keys, attention runs in
+    tiles of ATTN_TILE query rows, one head at a time: memory grows linearly with T, a banded tile
+    computes scores only for the keys of its band, and the backward recomputes each tile's
+    probabilities instead of keeping them (measured faster from T = 256 on, and 8x less memory at
+    T = 1024). Attention dropout needs the kept probabilities, so it takes the materialised path.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])  # a Python float: keeps float32 arrays float32
     kstart = np.zeros(q.shape[0], np.int64) if pad is None else pad.astype(np.int64)
     B, H, Tq, _ = q.shape
-    big = Tq > ATTN_TILE or B * H * Tq * k.shape[2] * q.itemsize > ATTN_MATERIALIZE_BYTES
+    Tk = k.shape[2]
+    window = window if 0 < window < Tk else 0  # a band as wide as the keys is dense, bit for bit
+    big = Tq > ATTN_TILE or B * H * Tq * Tk * q.itemsize > ATTN_MATERIALIZE_BYTES or window
     if big and (dropout == 0.0 or rng is None):
         y = np.empty_like(q)
-        for b, h, t0, t1, p in _attention_tiles(q, k, kstart, scale, q_offset, save):
-            y[b, h, t0:t1] = p @ v[b, h, :q_offset + t1]
-        return y, (None, None, scale, q_offset, kstart) if save else None
+        for b, h, t0, t1, lo, p in _attention_tiles(q, k, kstart, scale, q_offset, save, window):
+            y[b, h, t0:t1] = p @ v[b, h, lo:q_offset + t1]
+        return y, (None, None, scale, q_offset, kstart, window) if save else None
     if not save and Tq == 1 and not kstart.any():  # decoding one token: every cached key is visible
         s = q @ k.swapaxes(-1, -2)
         s *= scale
         return _softmax_inplace(s) @ v, None
     if not save:
-        return causal_softmax(q @ k.swapaxes(-1, -2) * scale, q_offset, kstart) @ v, None
+        return causal_softmax(q @ k.swapaxes(-1, -2) * scale, q_offset, kstart, window) @ v, None
     att = np.ascontiguousarray(q @ k.swapaxes(-1, -2))
-    K.causal_softmax_fwd(att, scale, q_offset, kstart)
+    K.causal_softmax_fwd(att, scale, q_offset, kstart, window)
     att_d, mask = dropout_forward(att, dropout, rng)
-    return att_d @ v, (att, mask, scale, q_offset, kstart)
+    return att_d @ v, (att, mask, scale, q_offset, kstart, window)
 
 
 def attention_backward(dy, q, k, v, cache):
     """dy [B, H, Tq, D] -> dq [B, H, Tq, D], dk, dv [B, H, Tk, D]."""
-    att, mask, scale, q_offset, kstart = cache
+    att, mask, scale, q_offset, kstart, window = cache
     if att is None:  # tiled forward: recompute each tile's probabilities
         dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
-        for b, h, t0, t1, p in _attention_tiles(q, k, kstart, scale, q_offset, True):
+        for b, h, t0, t1, lo, p in _attention_tiles(q, k, kstart, scale, q_offset, True, window):
             n = q_offset + t1
-            dv[b, h, :n] += p.T @ dy[b, h, t0:t1]
-            ds = np.ascontiguousarray(dy[b, h, t0:t1] @ v[b, h, :n].T)[None, None]
-            K.causal_softmax_bwd(ds, p[None, None], scale, q_offset + t0, kstart[b:b + 1])
-            dq[b, h, t0:t1] = ds[0, 0] @ k[b, h, :n]
-            dk[b, h, :n] += ds[0, 0].T @ q[b, h, t0:t1]
+            dv[b, h, lo:n] += p.T @ dy[b, h, t0:t1]
+            ds = np.ascontiguousarray(dy[b, h, t0:t1] @ v[b, h, lo:n].T)[None, None]
+            K.causal_softmax_bwd(ds, p[None, None], scale, q_offset + t0 - lo, np.maximum(kstart[b:b + 1] - lo, 0),
+                                 window)
+            dq[b, h, t0:t1] = ds[0, 0] @ k[b, h, lo:n]
+            dk[b, h, lo:n] += ds[0, 0].T @ q[b, h, t0:t1]
         return dq, dk, dv
     att_d = att if mask is None else att * mask
     dv = att_d.swapaxes(-1, -2) @ dy
     datt = np.ascontiguousarray(dropout_backward(dy @ v.swapaxes(-1, -2), mask))
-    K.causal_softmax_bwd(datt, att, scale, q_offset, kstart)  # datt is now d(loss)/d(q k^T)
+    K.causal_softmax_bwd(datt, att, scale, q_offset, kstart, window)  # datt is now d(loss)/d(q k^T)
     dq = datt @ k
     dk = datt.swapaxes(-1, -2) @ q
     return dq, dk, dv
@@ -237,25 +242,27 @@ ATTN_TILE = 128
 ATTN_MATERIALIZE_BYTES = 64 << 20
 
 
-def _attention_tiles(q, k, kstart, scale, q_offset, kernel):
-    """Yield (b, h, t0, t1, p): p [t1 - t0, q_offset + t1] are the attention probabilities of query rows
-    t0..t1 of head h, over the keys they may see (Numba kernel if `kernel`, else NumPy)."""
+def _attention_tiles(q, k, kstart, scale, q_offset, kernel, window=0):
+    """Yield (b, h, t0, t1, lo, p): p [t1 - t0, q_offset + t1 - lo] are the attention probabilities of
+    query rows t0..t1 of head h over keys lo .. q_offset + t1 - 1, the keys they may see (a banded tile
+    starts at its first row's band; Numba kernel if `kernel`, else NumPy)."""
     B, H, Tq, _ = q.shape
     for b in range(B):
-        ks = kstart[b:b + 1]
         for h in range(H):
             for t0 in range(0, Tq, ATTN_TILE):
                 t1 = min(Tq, t0 + ATTN_TILE)
-                s = q[b, h, t0:t1] @ k[b, h, :q_offset + t1].T
+                lo = max(0, q_offset + t0 - window + 1) if window else 0
+                s = q[b, h, t0:t1] @ k[b, h, lo:q_offset + t1].T
+                ks = np.maximum(kstart[b:b + 1] - lo, 0)  # padding, in the tile's key columns
                 if kernel and ks[0] == 0:
-                    yield b, h, t0, t1, _tile_softmax(s, scale)
+                    yield b, h, t0, t1, lo, _tile_softmax(s, scale, window)
                     continue
                 if kernel:
                     s = np.ascontiguousarray(s)[None, None]
-                    K.causal_softmax_fwd(s, scale, q_offset + t0, ks)
+                    K.causal_softmax_fwd(s, scale, q_offset + t0 - lo, ks, window)
                 else:
-                    s = causal_softmax(s[None, None] * scale, q_offset + t0, ks)
-                yield b, h, t0, t1, s[0, 0]
+                    s = causal_softmax(s[None, None] * scale, q_offset + t0 - lo, ks, window)
+                yield b, h, t0, t1, lo, s[0, 0]
 
 
 @functools.lru_cache(maxsize=8)
@@ -264,13 +271,21 @@ def _above_diagonal(rows):
     return np.triu(np.ones((rows, rows), bool), 1)
 
 
-def _tile_softmax(s, scale):
+@functools.lru_cache(maxsize=8)
+def _below_band(rows, n, window):
+    """[rows, n] bool, True where key c is older than query i's band (i sees n - rows + i - window + 1 on)."""
+    return np.arange(n)[None, :] < (n - rows) + np.arange(rows)[:, None] - window + 1
+
+
+def _tile_softmax(s, scale, window=0):
     """In place: scores s [rows, n] of the last `rows` queries before key n -> causal probabilities (query
-    i sees keys j <= n - rows + i). NumPy's SIMD exp is ~5x faster than the kernel's scalar one, which
-    made softmax 40% of tiled attention."""
-    rows = s.shape[0]
+    i sees keys j <= n - rows + i, and within its band when window > 0). NumPy's SIMD exp is ~5x
+    faster than the kernel's scalar one, which made softmax 40% of tiled attention."""
+    rows, n = s.shape
     s *= scale
-    s[:, s.shape[1] - rows:][_above_diagonal(rows)] = -np.inf
+    s[:, n - rows:][_above_diagonal(rows)] = -np.inf
+    if window:
+        s[_below_band(rows, n, window)] = -np.inf
     return _softmax_inplace(s)
 
 
@@ -282,12 +297,16 @@ def _softmax_inplace(s):
     return s
 
 
-def causal_softmax(s, q_offset, kstart):
-    """NumPy path: s [B, H, Tq, Tk] scores -> probabilities over keys kstart[b] <= j <= q_offset + i;
-    masked entries are exactly 0 and a row with no key left is all zeros (never NaN)."""
+def causal_softmax(s, q_offset, kstart, window=0):
+    """NumPy path: s [B, H, Tq, Tk] scores -> probabilities over keys kstart[b] <= j <= q_offset + i (and
+    j >= q_offset + i - window + 1 when window > 0); masked entries are exactly 0 and a row with no key
+    left is all zeros (never NaN)."""
     Tq, Tk = s.shape[-2:]
     j = np.arange(Tk)
-    keep = (j[None, None, :] <= q_offset + np.arange(Tq)[None, :, None]) & (j[None, None, :] >= kstart[:, None, None])
+    i = q_offset + np.arange(Tq)[None, :, None]
+    keep = (j[None, None, :] <= i) & (j[None, None, :] >= kstart[:, None, None])
+    if window:
+        keep &= j[None, None, :] >= i - window + 1
     s = np.where(keep[:, None], s, -np.inf)
     mx = s.max(-1, keepdims=True)
     e = np.exp(s - np.where(np.isfinite(mx), mx, 0))

@@ -239,7 +239,7 @@ class GPT:
         kstart = np.zeros(len(x), np.int64) if kv.pad is None else kv.pad.astype(np.int64)
         blocks, ln_f, wte = self._fused_weights()
         for l, weights in enumerate(blocks):
-            K.decode_layer(x, *weights, kv.k[l], kv.v[l], t, kstart, cfg.layer_norm_eps, cfg.n_head)
+            K.decode_layer(x, *weights, kv.k[l], kv.v[l], t, kstart, cfg.layer_norm_eps, cfg.n_head, cfg.window(l))
         kv.length += 1
         logits = np.empty((len(x), wte.shape[0]), x.dtype)
         K.decode_head(x, *ln_f, cfg.layer_norm_eps, wte, logits)
@@ -297,7 +297,8 @@ class GPT:
         q, k, v = split_heads(linear_forward(h, w(l, "attn.c_attn.weight"), w(l, "attn.c_attn.bias")), cfg.n_head)
         if run["kv"] is not None:
             k, v = run["kv"].extend(l, k, v)
-        y, a["att"] = attention_forward(q, k, v, run["pos0"], cfg.dropout, run["rng"], run["pad"], run["save"])
+        y, a["att"] = attention_forward(q, k, v, run["pos0"], cfg.dropout, run["rng"], run["pad"], run["save"],
+                                        cfg.window(l))
         a["q"], a["k"], a["v"] = q, k, v
         a["y"] = y = merge_heads(y)
         out, a["drop_1"] = dropout_forward(linear_forward(y, w(l, "attn.c_proj.weight"), w(l, "attn.c_proj.bias")),
