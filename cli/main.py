@@ -469,7 +469,7 @@ def eval_generate(data, model, shots, seed, template, max_new_tokens, limit, as_
 @click.option("--force", is_flag=True, help="Overwrite a model in OUT.")
 @threads_option
 def convert_weights(src, out, force):
-    """Convert a Hugging Face GPT-2 directory SRC (safetensors) into an npgpt checkpoint dir OUT."""
+    """Convert a Hugging Face GPT-2 or GPT-Neo directory SRC (safetensors) into an npgpt checkpoint dir OUT."""
     from npgpt.convert import convert_hf
     convert_hf(src, out, force=force)
     click.echo(f"wrote {out}")
@@ -482,7 +482,8 @@ def convert_weights(src, out, force):
 @click.option("--force", is_flag=True, help="Overwrite a model in OUT.")
 @threads_option
 def export(model_dir, fmt, out, force):
-    """Export a checkpoint as a Hugging Face GPT-2 directory OUT (transformers loads it)."""
+    """Export a checkpoint as a Hugging Face directory OUT that transformers loads: GPT-2, or GPT-Neo for a
+    model with banded attention layers."""
     from npgpt.convert import export_hf
     export_hf(model_dir, out, force=force)
     click.echo(f"wrote {out}")

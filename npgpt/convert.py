@@ -1,9 +1,15 @@
-"""Hugging Face GPT-2 directories <-> npgpt checkpoint dirs.
+"""Hugging Face GPT-2 and GPT-Neo directories <-> npgpt checkpoint dirs.
 
 HF GPT-2 already uses our tensor names and the (in, out) Conv1D layout, so conversion is a copy by name:
 strip an optional `transformer.` prefix, skip the causal-mask buffers (`attn.bias`, `attn.masked_bias`),
 check the LM head is tied to `wte`, widen F16/BF16 to float32, and write the tensors in flat-buffer
 order so the result loads by memory map. Pickle files (`pytorch_model.bin`) are refused, never opened.
+
+GPT-Neo (EleutherAI's GPT-3 layout) differs in three ways, each mapped exactly: its "global" and
+"local" layers are npgpt's dense and banded ones (attn_pattern, attn_window = window_size); its q, k, v
+projections are separate nn.Linear layers [out, in] without biases, which become c_attn's columns
+(bias 0); and it does not scale attention scores by 1/sqrt(d), so q's weights are multiplied by
+sqrt(d) on the way in (and divided on the way out). A model with banded layers exports as GPT-Neo.
 """
 from __future__ import annotations
 
@@ -54,18 +60,50 @@ def _hf_float(hf: dict, key: str, default: float, *, positive: bool) -> float:
     return float(v)
 
 
+def _neo_layers(hf: dict) -> str:
+    """GPT-Neo's attention_types ([[["global", "local"], 6]]: kinds repeated) as an attn_pattern: the
+    shortest string of D (global) and B (local) that tiles the layers."""
+    types = hf.get("attention_types")
+    kinds: list = []
+    try:
+        for group, count in types:
+            if not (isinstance(count, int) and not isinstance(count, bool) and count >= 1 and isinstance(group, list)):
+                raise TypeError
+            kinds += group * count
+    except (TypeError, ValueError):
+        raise NpgptError(f"config.json: attention_types must be [[[\"global\" | \"local\", ...], count], ...], "
+                         f"got {_shown(types)}") from None
+    if any(k not in ("global", "local") for k in kinds):
+        raise NpgptError(f"config.json: attention_types holds kinds other than global and local: {_shown(types)}")
+    if len(kinds) != _hf_int(hf, "num_layers"):
+        raise NpgptError(f"config.json: attention_types covers {len(kinds)} layers, num_layers is {hf['num_layers']}")
+    full = "".join("B" if k == "local" else "D" for k in kinds)
+    return next(full[:p] for p in range(1, len(full) + 1) if (full[:p] * len(full))[:len(full)] == full)
+
+
 def hf_config_to_npgpt(hf: dict) -> GPTConfig:
-    """GPTConfig from an HF GPT-2 config.json dict; unsupported options and values of the wrong type
-    (null, "two", 2.5, -1, NaN) raise NpgptError."""
+    """GPTConfig from an HF GPT-2 or GPT-Neo config.json dict; unsupported options and values of the
+    wrong type (null, "two", 2.5, -1, NaN) raise NpgptError."""
     if not isinstance(hf, dict):
         raise NpgptError("config.json is not a JSON object")
     mt = hf.get("model_type", "gpt2")
-    if mt != "gpt2":
-        raise NpgptError(f"model_type {_short(mt)} is not GPT-2; only GPT-2 checkpoints can be converted")
+    if mt not in ("gpt2", "gpt_neo"):
+        raise NpgptError(f"model_type {_short(mt)} is neither GPT-2 nor GPT-Neo; only those can be converted")
     act = hf.get("activation_function", "gelu_new")
     if not isinstance(act, str) or act not in TANH_GELUS:
         raise NpgptError(f"activation_function {_short(act)} is not supported (npgpt implements GPT-2's tanh "
                          f"GELU: {', '.join(TANH_GELUS)})")
+    if mt == "gpt_neo":
+        if hf.get("tie_word_embeddings", True) is not True:
+            raise NpgptError("tie_word_embeddings=false is not supported by npgpt")
+        inner = hf.get("intermediate_size")
+        return GPTConfig(n_layer=_hf_int(hf, "num_layers"), n_head=_hf_int(hf, "num_heads"),
+                         n_embd=_hf_int(hf, "hidden_size"), block_size=_hf_int(hf, "max_position_embeddings", 2048),
+                         vocab_size=_hf_int(hf, "vocab_size"), ln="pre", bias=True, dropout=0.0,
+                         layer_norm_eps=_hf_float(hf, "layer_norm_epsilon", 1e-5, positive=True),
+                         init_std=_hf_float(hf, "initializer_range", 0.02, positive=False),
+                         n_inner=0 if inner is None else _hf_int(hf, "intermediate_size"),
+                         attn_window=_hf_int(hf, "window_size", 256), attn_pattern=_neo_layers(hf)).validate()
     refuse = {"scale_attn_by_inverse_layer_idx": True, "add_cross_attention": True, "scale_attn_weights": False,
               "tie_word_embeddings": False}
     for key, bad in refuse.items():
@@ -149,8 +187,39 @@ def _progress(done: int, total: int, enabled: bool):
               file=sys.stderr, flush=True)
 
 
+def _recipe(cfg: GPTConfig, model_type: str) -> dict:
+    """npgpt tensor name -> (the HF tensors it is made of (names without `transformer.`, shapes), how).
+    GPT-2: the same tensor. GPT-Neo: see the module doc."""
+    def same(t):
+        return t[0]
+
+    shapes = param_shapes(cfg)
+    if model_type == "gpt2":
+        return {n: (((n, tuple(s)),), same) for n, s in shapes}
+    C, root_d = cfg.n_embd, math.sqrt(cfg.head_dim)
+    out = {}
+    for n, s in shapes:
+        m = re.fullmatch(r"(h\.\d+\.)(.*)", n)
+        rest = m.group(2) if m else None
+        a = m.group(1) + "attn.attention." if m else ""
+        if rest == "attn.c_attn.weight":  # [C, 3C] = q, k, v side by side, (in, out); q carries sqrt(d)
+            out[n] = (((a + "q_proj.weight", (C, C)), (a + "k_proj.weight", (C, C)), (a + "v_proj.weight", (C, C))),
+                      lambda t: np.concatenate([t[0].T * np.float32(root_d), t[1].T, t[2].T], axis=1))
+        elif rest == "attn.c_attn.bias":
+            out[n] = ((), lambda t: np.zeros(3 * C, np.float32))
+        elif rest == "attn.c_proj.weight":
+            out[n] = (((a + "out_proj.weight", (C, C)),), lambda t: t[0].T)
+        elif rest == "attn.c_proj.bias":
+            out[n] = (((a + "out_proj.bias", (C,)),), same)
+        elif rest in ("mlp.c_fc.weight", "mlp.c_proj.weight"):  # nn.Linear [out, in]
+            out[n] = (((n, tuple(s)[::-1]),), lambda t: t[0].T)
+        else:
+            out[n] = (((n, tuple(s)),), same)
+    return out
+
+
 def convert_hf(src: str | Path, out: str | Path, *, force: bool = False, progress: bool | None = None) -> Path:
-    """Convert a Hugging Face GPT-2 directory into an npgpt checkpoint dir at `out`."""
+    """Convert a Hugging Face GPT-2 or GPT-Neo directory into an npgpt checkpoint dir at `out`."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise NpgptError(f"source dir not found: {src}")
@@ -164,21 +233,25 @@ def convert_hf(src: str | Path, out: str | Path, *, force: bool = False, progres
     headers = [(f, *read_safetensors_header(f)) for f in _weight_files(src)]  # every file is validated first
     _check_layer_count(cfg.n_layer, headers)
     shapes = param_shapes(cfg)
-    want = dict(shapes)
+    model_type = hf.get("model_type", "gpt2")
+    recipe = _recipe(cfg, model_type)
+    want = {k: s for sources, _ in recipe.values() for k, s in sources}  # HF tensors by name, with shapes
+    what = "a GPT-Neo" if model_type == "gpt_neo" else "a GPT-2"
 
-    # gather every tensor's location (file, header entry) under its npgpt name
+    # gather every tensor's location (file, header entry) under its name without `transformer.`
     where: dict[str, tuple[Path, dict, int]] = {}
     lm_head = None
     for f, entries, _, start in headers:
         for name, e in entries.items():
             key = name[len("transformer."):] if name.startswith("transformer.") else name
-            if key.endswith(("attn.bias", "attn.masked_bias")) and key not in want:
+            if key.endswith(("attn.bias", "attn.masked_bias", "attention.bias", "attention.masked_bias")) \
+                    and key not in want:
                 continue  # causal-mask buffers, not weights
             if key == "lm_head.weight":
                 lm_head = (f, e, start)
                 continue
             if key not in want:
-                raise NpgptError(f"{f.name}: unexpected tensor {name!r} for a GPT-2 of this config")
+                raise NpgptError(f"{f.name}: unexpected tensor {name!r} for {what} of this config")
             if tuple(e["shape"]) != tuple(want[key]):
                 raise NpgptError(f"{f.name}: tensor {name} has shape {tuple(e['shape'])}, config.json implies "
                                  f"{tuple(want[key])}")
@@ -223,15 +296,17 @@ def convert_hf(src: str | Path, out: str | Path, *, force: bool = False, progres
             fh.write(len(hb).to_bytes(8, "little"))
             fh.write(hb)
             for name, _ in shapes:
-                t = read(where[name])
-                fh.write(np.ascontiguousarray(t).data)
+                sources, make = recipe[name]
+                t = make([read(where[k]) for k, _ in sources])
+                fh.write(np.ascontiguousarray(t, np.float32).data)
                 done += t.nbytes
                 _progress(done, total, show)
         if show:
             print(file=sys.stderr)
         if tok is not None:
             tok.save(stage)
-        write_config(stage, cfg, tok, {"provenance": {"converted_from": str(src), "format": "hf-gpt2",
+        write_config(stage, cfg, tok, {"provenance": {"converted_from": str(src),
+                                                      "format": "hf-gpt-neo" if model_type == "gpt_neo" else "hf-gpt2",
                                                       "dtypes": sorted({e["dtype"] for _, e, _ in where.values()})}})
     return out
 
@@ -264,13 +339,55 @@ def export_hf(model_dir: str | Path, out: str | Path, *, force: bool = False) ->
         raise NpgptError("a quantized checkpoint cannot be exported; export the float32 model it came from")
     if cfg.ln != "pre" or not cfg.bias:
         raise NpgptError("only GPT-2-shaped models (pre-LN with biases) can be exported in HF GPT-2 format")
-    if any(cfg.window(l) for l in range(cfg.n_layer)):
-        raise NpgptError("a model with banded attention layers cannot be exported in HF GPT-2 format: GPT-2's "
-                         "attention is dense in every layer")
+    neo = any(cfg.window(l) for l in range(cfg.n_layer))  # GPT-2 is dense everywhere: banded is GPT-Neo
+    if neo:
+        for l in range(cfg.n_layer):
+            if np.any(model.params[f"h.{l}.attn.c_attn.bias"]):
+                raise NpgptError(f"layer {l} has non-zero q/k/v biases, which GPT-Neo (the HF format of a model "
+                                 f"with banded attention) does not have")
     out = Path(out)
     with claim_out(out, "hf", force), file_set(out) as stage:
-        _write_hf(stage, model)
+        (_write_neo if neo else _write_hf)(stage, model)
     return out
+
+
+def _write_neo(out: Path, model):
+    """The files of a Hugging Face GPT-Neo dir for `model` (banded layers; no q/k/v biases), into `out`."""
+    cfg, p = model.config, model.params
+    C, root_d = cfg.n_embd, math.sqrt(cfg.head_dim)
+    tensors = [("transformer.wte.weight", p["wte.weight"]), ("transformer.wpe.weight", p["wpe.weight"])]
+    for l in range(cfg.n_layer):
+        h, a = f"h.{l}.", f"transformer.h.{l}.attn.attention."
+        w = np.asarray(p[h + "attn.c_attn.weight"])
+        tensors += [(f"transformer.{h}ln_1.weight", p[h + "ln_1.weight"]), (f"transformer.{h}ln_1.bias", p[h + "ln_1.bias"]),
+                    (a + "k_proj.weight", w[:, C:2 * C].T), (a + "v_proj.weight", w[:, 2 * C:].T),
+                    (a + "q_proj.weight", w[:, :C].T / np.float32(root_d)),
+                    (a + "out_proj.weight", np.asarray(p[h + "attn.c_proj.weight"]).T),
+                    (a + "out_proj.bias", p[h + "attn.c_proj.bias"]),
+                    (f"transformer.{h}ln_2.weight", p[h + "ln_2.weight"]), (f"transformer.{h}ln_2.bias", p[h + "ln_2.bias"]),
+                    (f"transformer.{h}mlp.c_fc.weight", np.asarray(p[h + "mlp.c_fc.weight"]).T),
+                    (f"transformer.{h}mlp.c_fc.bias", p[h + "mlp.c_fc.bias"]),
+                    (f"transformer.{h}mlp.c_proj.weight", np.asarray(p[h + "mlp.c_proj.weight"]).T),
+                    (f"transformer.{h}mlp.c_proj.bias", p[h + "mlp.c_proj.bias"])]
+    tensors += [("transformer.ln_f.weight", p["ln_f.weight"]), ("transformer.ln_f.bias", p["ln_f.bias"])]
+    write_safetensors(out / "model.safetensors", [(n, np.ascontiguousarray(t, np.float32)) for n, t in tensors],
+                      {"format": "pt"})
+    kinds = ["local" if cfg.window(l) else "global" for l in range(cfg.n_layer)]
+    period = cfg.attn_pattern if cfg.n_layer % len(cfg.attn_pattern) == 0 else None
+    types = [[kinds[:len(period)], cfg.n_layer // len(period)]] if period else [[kinds, 1]]
+    tok = model.tokenizer
+    eot = tok.eot_id if tok is not None else None
+    atomic_write_json(out / "config.json", {
+        "architectures": ["GPTNeoForCausalLM"], "model_type": "gpt_neo",
+        "num_layers": cfg.n_layer, "num_heads": cfg.n_head, "hidden_size": cfg.n_embd,
+        "max_position_embeddings": cfg.block_size, "vocab_size": cfg.vocab_size,
+        "intermediate_size": cfg.n_inner or None, "window_size": cfg.attn_window, "attention_types": types,
+        "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layer_norm_eps,
+        "initializer_range": cfg.init_std, "resid_dropout": cfg.dropout, "embed_dropout": cfg.dropout,
+        "attention_dropout": cfg.dropout, "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    })
+    _write_tokenizer(out, tok, cfg)
 
 
 def _write_hf(out: Path, model):
@@ -291,6 +408,12 @@ def _write_hf(out: Path, model):
         "attn_pdrop": cfg.dropout, "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True,
         "scale_attn_weights": True, "torch_dtype": "float32",
     })
+    _write_tokenizer(out, tok, cfg)
+
+
+def _write_tokenizer(out: Path, tok, cfg):
+    """tokenizer.json, and vocab.json + merges.txt for a BPE, with the tokenizer_config.json that
+    transformers' AutoTokenizer reads."""
     if tok is not None:
         tok.save(out)
         if tok.kind in ("gpt2", "bpe"):

@@ -137,11 +137,3 @@ def test_a_trained_bd_model_resumes_exactly(shakespeare_data, tmp_path):
     np.testing.assert_array_equal(got.flat, ref.flat)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["attn_window"] == 5 and saved["model"]["attn_pattern"] == "BD"
-
-
-def test_a_banded_model_is_not_exported_as_gpt2(tmp_path):
-    from npgpt.checkpoint import save_checkpoint
-    from npgpt.convert import export_hf
-    save_checkpoint(tmp_path / "m", model(dtype=np.float32))
-    with pytest.raises(NpgptError, match="banded attention"):
-        export_hf(tmp_path / "m", tmp_path / "hf")

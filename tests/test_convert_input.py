@@ -50,7 +50,7 @@ HF = json.loads((FIX / "config.json").read_text())
     ("scale_attn_weights", None, "scale_attn_weights must be true or false"),
     ("add_cross_attention", "false", "add_cross_attention must be true or false"),
     ("activation_function", ["gelu_new"], "activation_function .* is not supported"),
-    ("model_type", None, "model_type None is not GPT-2"),
+    ("model_type", None, "model_type None is neither GPT-2 nor GPT-Neo"),
 ])
 def test_bad_config_values_are_one_line_errors(key, value, match):
     with pytest.raises(NpgptError, match=match) as e:

@@ -145,7 +145,7 @@ def test_pickle_is_refused_without_opening(tmp_path):
 @pytest.mark.parametrize("key,value,match", [
     ("activation_function", "relu", "activation_function"),
     ("scale_attn_by_inverse_layer_idx", True, "scale_attn_by_inverse_layer_idx"),
-    ("model_type", "llama", "not GPT-2"),
+    ("model_type", "llama", "neither GPT-2 nor GPT-Neo"),
 ])
 def test_unsupported_options_are_refused(tmp_path, key, value, match):
     d = copy_fixture(tmp_path)
