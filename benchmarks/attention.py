@@ -1,5 +1,7 @@
 """Causal attention forward + backward at long contexts: time and peak extra memory, npgpt vs PyTorch's
-scaled_dot_product_attention (is_causal=True), one GPT-2-sized layer (12 heads of 64), batch 1.
+scaled_dot_product_attention (is_causal=True), one GPT-2-sized layer (12 heads of 64), batch 1. Then
+GPT-3's locally banded attention at T = 2048 (windows 256 and 128) against npgpt's dense attention
+and against SDPA given the band as a boolean mask (what a PyTorch user writes).
 
     python benchmarks/attention.py [--threads N]
 """
@@ -15,8 +17,8 @@ import npgpt
 from npgpt import layers as L
 
 
-def npgpt_fwd_bwd(q, k, v, dy):
-    y, cache = L.attention_forward(q, k, v)
+def npgpt_fwd_bwd(q, k, v, dy, window=0):
+    y, cache = L.attention_forward(q, k, v, window=window)
     return L.attention_backward(dy, q, k, v, cache)
 
 
@@ -34,11 +36,14 @@ def measure(f, *args, repeat=3):
     return min(times), peak
 
 
-def torch_fwd_bwd(q, k, v, dy):
+def torch_fwd_bwd(q, k, v, dy, mask=None):
     import torch
     import torch.nn.functional as F
     qt, kt, vt = (torch.from_numpy(a).requires_grad_() for a in (q, k, v))
-    y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    if mask is None:
+        y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    else:
+        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
     y.backward(torch.from_numpy(dy))
 
 
@@ -61,7 +66,22 @@ def main():
         ratio = f"{tt / t:.2f}x" if tt else "n/a"
         path = "tiled" if T > L.ATTN_TILE or H * T * T * 4 > L.ATTN_MATERIALIZE_BYTES else "materialised"
         print(f"attention fwd+bwd T={T:<5} npgpt {t * 1e3:8.1f} ms ({path}, peak extra {peak / 2**20:6.1f} MiB) | "
-              f"torch sdpa {tt * 1e3 if tt else 0:8.1f} ms | ratio {ratio}")
+              f"torch sdpa {tt * 1e3 if tt else 0:8.1f} ms | ratio {ratio}", flush=True)
+    T = 2048
+    rng = np.random.default_rng(T)
+    q, k, v, dy = (rng.standard_normal((1, H, T, D), dtype=np.float32) for _ in range(4))
+    dense, dense_peak = measure(npgpt_fwd_bwd, q, k, v, dy)
+    for w in (256, 128):
+        t, peak = measure(npgpt_fwd_bwd, q, k, v, dy, w)
+        tt = None
+        if torch:
+            i = torch.arange(T)
+            band = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - w + 1)
+            tt = measure(torch_fwd_bwd, q, k, v, dy, band)[0]
+        vs_torch = f"{tt / t:.2f}x" if tt else "n/a"
+        print(f"banded attention T={T} w={w:<4} npgpt {t * 1e3:8.1f} ms (peak extra {peak / 2**20:5.1f} MiB; dense "
+              f"{dense * 1e3:.1f} ms, {dense_peak / 2**20:.1f} MiB) | {dense / t:.2f}x npgpt dense | torch sdpa "
+              f"+ band mask {tt * 1e3 if tt else 0:8.1f} ms | ratio {vs_torch}", flush=True)
 
 
 if __name__ == "__main__":
