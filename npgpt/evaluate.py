@@ -234,7 +234,7 @@ def continuation_logprobs(model: GPT, prefix: list[int], continuations: list[lis
     prefix = list(prefix)[-(block - longest):]
     if not prefix:
         raise NpgptError("the prompt is empty: there is nothing to condition the continuation on")
-    cache = KVCache(model.config, 1, length=len(prefix) + longest)
+    cache = KVCache(model.config, 1, length=len(prefix) + longest, ring=False)  # rewound per continuation
     last = log_softmax(model.forward(np.array([prefix]), kv=cache, last_only=True)[0, -1])
     out = []
     for cont in continuations:

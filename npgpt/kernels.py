@@ -336,11 +336,13 @@ def _layernorm_rows(x, w, b, eps, out):
 
 @nb.njit(**_rjit)
 def _attend_one(qkv, K, V, t, kstart, n_head, window, y):
-    """The new token of each row: store its key and value at position t of the cache K, V [B, H, room,
-    D], then y [B, C] = softmax(q k^T / sqrt(D)) v over the keys kstart[b] .. t (and t - window + 1 ..
-    t when window > 0)."""
+    """The new token of each row: store its key and value for position t in the cache K, V [B, H, R, D],
+    then y [B, C] = softmax(q k^T / sqrt(D)) v over the keys kstart[b] .. t (and t - window + 1 .. t when
+    window > 0). Position j lives in slot j % R: a dense cache (R > t) as is, a banded layer's ring
+    (R = window) wrapped."""
     B, C = y.shape
     D = C // n_head
+    R = K.shape[2]
     scale = y.dtype.type(1.0 / math.sqrt(D))
     s = np.empty(t + 1, y.dtype)  # the model's dtype throughout, as the layer-by-layer path
     acc = np.empty(D, y.dtype)
@@ -348,18 +350,18 @@ def _attend_one(qkv, K, V, t, kstart, n_head, window, y):
         j0 = kstart[b] if window <= 0 else max(kstart[b], t - window + 1)
         for h in range(n_head):
             q = qkv[b, h * D:(h + 1) * D]
-            K[b, h, t] = qkv[b, C + h * D:C + (h + 1) * D]
-            V[b, h, t] = qkv[b, 2 * C + h * D:2 * C + (h + 1) * D]
+            K[b, h, t % R] = qkv[b, C + h * D:C + (h + 1) * D]
+            V[b, h, t % R] = qkv[b, 2 * C + h * D:2 * C + (h + 1) * D]
             top = -np.inf
             for j in range(j0, t + 1):
-                s[j] = _dot(q, K[b, h, j]) * scale
+                s[j] = _dot(q, K[b, h, j % R]) * scale
                 top = max(top, s[j])
             total = 0.0
             acc[:] = 0.0
             for j in range(j0, t + 1):
                 p = math.exp(s[j] - top)
                 total += p
-                v = V[b, h, j]
+                v = V[b, h, j % R]
                 for d in range(D):
                     acc[d] += p * v[d]
             for d in range(D):

@@ -22,28 +22,55 @@ FUSED_DECODE_MAX = 1 << 20  # weights per block (4 MB in float32) up to which de
 
 
 class KVCache:
-    """Keys and values of every layer for positions 0 .. length - 1: k, v [L, B, H, room, D]."""
+    """Keys and values of every layer: k[l], v[l] [B, H, slots, D]. A dense layer keeps positions
+    0 .. length - 1 (slots = room); a banded layer of window w < room keeps only its last w positions,
+    position p in slot p % w (a ring), so a long generation's memory and reads grow in the dense layers
+    only. Attention does not depend on the keys' order (positions enter through the embeddings), so a
+    decode step attends to the ring as it lies. Rewinding `length` (re-scoring from a shared prefix)
+    needs ring=False: a ring has overwritten the positions it would go back to."""
 
-    def __init__(self, cfg: GPTConfig, batch: int, dtype=None, length: int | None = None):
+    def __init__(self, cfg: GPTConfig, batch: int, dtype=None, length: int | None = None, ring: bool = True):
         """Room for `length` positions (default and at most: the context). dtype None follows the model:
         the cache takes the dtype of the first keys stored (a float64 model keeps float64 attention)."""
-        length = min(length or cfg.block_size, cfg.block_size)
-        shape = (cfg.n_layer, batch, cfg.n_head, length, cfg.head_dim)
+        self.room = min(length or cfg.block_size, cfg.block_size)
+        self.windows = [w if ring and 0 < w < self.room else 0 for w in map(cfg.window, range(cfg.n_layer))]
         self.follow = dtype is None
         # np.zeros maps untouched pages lazily, so a placeholder that extend() replaces costs nothing
-        self.k = np.zeros(shape, dtype or np.float32)
-        self.v = np.zeros(shape, dtype or np.float32)
+        shapes = [(batch, cfg.n_head, w or self.room, cfg.head_dim) for w in self.windows]
+        self.k = [np.zeros(s, dtype or np.float32) for s in shapes]
+        self.v = [np.zeros(s, dtype or np.float32) for s in shapes]
         self.length = 0
         self.pad = None  # [B] left-padding columns of each row (None: no padding)
 
+    @property
+    def dtype(self):
+        return self.k[0].dtype
+
+    def to(self, dtype):
+        """Follow the model's dtype (see __init__)."""
+        if self.follow and dtype != self.dtype:
+            self.k = [a.astype(dtype) for a in self.k]
+            self.v = [a.astype(dtype) for a in self.v]
+
     def extend(self, layer, k, v):
-        """Store k, v [B, H, T, D] at the next T positions; return all keys and values so far."""
-        if self.follow and k.dtype != self.k.dtype:
-            self.k, self.v = self.k.astype(k.dtype), self.v.astype(k.dtype)
+        """Store k, v [B, H, T, D] at the next T positions; return (keys, values, first): the keys and
+        values of positions first .. length + T - 1 in order, all that the new queries may see (first = 0
+        for a dense layer; a ring layer's band starts at max(0, length - w + 1))."""
+        self.to(k.dtype)
         t0, t1 = self.length, self.length + k.shape[2]
-        self.k[layer, :, :, t0:t1] = k
-        self.v[layer, :, :, t0:t1] = v
-        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+        K, V, w = self.k[layer], self.v[layer], self.windows[layer]
+        if not w:
+            K[:, :, t0:t1] = k
+            V[:, :, t0:t1] = v
+            return K[:, :, :t1], V[:, :, :t1], 0
+        first = max(0, t0 - w + 1)
+        old = np.arange(first, t0) % w
+        keys = np.concatenate([K[:, :, old], k], axis=2)
+        values = np.concatenate([V[:, :, old], v], axis=2)
+        new = np.arange(max(t0, t1 - w), t1)  # the newest w positions go into the ring
+        K[:, :, new % w] = k[:, :, new - t0]
+        V[:, :, new % w] = v[:, :, new - t0]
+        return keys, values, first
 
 
 class GPT:
@@ -187,8 +214,8 @@ class GPT:
         if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
             raise NpgptError(f"token ids must be an integer array [B, T], got {idx.dtype} {idx.shape}")
         start = kv.length if kv is not None else 0
-        if kv is not None and start + idx.shape[1] > kv.k.shape[3]:
-            raise NpgptError(f"KV cache has room for {kv.k.shape[3]} positions, {start + idx.shape[1]} needed")
+        if kv is not None and start + idx.shape[1] > kv.room:
+            raise NpgptError(f"KV cache has room for {kv.room} positions, {start + idx.shape[1]} needed")
         if start + idx.shape[1] > self.config.block_size:
             raise NpgptError(f"sequence of {start + idx.shape[1]} tokens exceeds the context of "
                              f"{self.config.block_size}")
@@ -230,12 +257,10 @@ class GPT:
         arithmetic at this size. Tests hold it equal to _body + _head."""
         from . import kernels as K
         cfg, p = self.config, self.params
-        dtype = p["wte.weight"].dtype
-        if kv.follow and kv.k.dtype != dtype:
-            kv.k, kv.v = kv.k.astype(dtype), kv.v.astype(dtype)
+        kv.to(p["wte.weight"].dtype)
         t = kv.length
         x = np.ascontiguousarray(embedding_forward(idx, p["wte.weight"], p["wpe.weight"], t, kv.pad)[:, 0],
-                                 dtype=kv.k.dtype)
+                                 dtype=kv.dtype)
         kstart = np.zeros(len(x), np.int64) if kv.pad is None else kv.pad.astype(np.int64)
         blocks, ln_f, wte = self._fused_weights()
         for l, weights in enumerate(blocks):
@@ -295,9 +320,12 @@ class GPT:
         w, cfg = self._w, self.config
         a["attn_in"] = h
         q, k, v = split_heads(linear_forward(h, w(l, "attn.c_attn.weight"), w(l, "attn.c_attn.bias")), cfg.n_head)
+        first, pad = 0, run["pad"]
         if run["kv"] is not None:
-            k, v = run["kv"].extend(l, k, v)
-        y, a["att"] = attention_forward(q, k, v, run["pos0"], cfg.dropout, run["rng"], run["pad"], run["save"],
+            k, v, first = run["kv"].extend(l, k, v)  # a ring layer's keys start at `first`
+            if first and pad is not None:
+                pad = np.maximum(pad - first, 0)
+        y, a["att"] = attention_forward(q, k, v, run["pos0"] - first, cfg.dropout, run["rng"], pad, run["save"],
                                         cfg.window(l))
         a["q"], a["k"], a["v"] = q, k, v
         a["y"] = y = merge_heads(y)

@@ -137,3 +137,45 @@ def test_a_trained_bd_model_resumes_exactly(shakespeare_data, tmp_path):
     np.testing.assert_array_equal(got.flat, ref.flat)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["attn_window"] == 5 and saved["model"]["attn_pattern"] == "BD"
+
+
+def test_a_banded_layer_caches_only_its_window_in_a_ring():
+    m = model("BD", 3, T=14)
+    ring = KVCache(m.config, 2)
+    assert [k.shape[2] for k in ring.k] == [3, 14] and [v.shape[2] for v in ring.v] == [3, 14]
+    assert [k.shape[2] for k in KVCache(m.config, 2, ring=False).k] == [14, 14]
+    assert [k.shape[2] for k in KVCache(m.config, 2, length=3).k] == [3, 3]  # a band as wide as the room: dense
+
+
+@pytest.mark.parametrize("chunks", [(5, 3, 1, 1, 4), (1,) * 14, (2, 7, 5)])
+def test_ring_cache_chunked_forward_equals_the_full_forward(chunks):
+    """Prefill and continue in chunks of several tokens: each chunk's queries need the ring's older keys
+    in order, the chunk's own keys, and the ring rewritten with the newest w."""
+    m = model("BD", 3, T=14)
+    idx = np.random.default_rng(6).integers(0, 11, (2, 14))
+    pad = np.array([0, 1])
+    full = m.forward(idx, pad=pad)
+    cache = KVCache(m.config, 2)
+    cache.pad = pad
+    parts, t = [], 0
+    for n in chunks:
+        parts.append(m.forward(idx[:, t:t + n], kv=cache))
+        t += n
+    got = np.concatenate(parts, axis=1)
+    for b in range(2):
+        np.testing.assert_allclose(got[b, pad[b]:], full[b, pad[b]:], rtol=1e-10, atol=1e-10)
+
+
+def test_generation_and_scoring_of_a_banded_model_past_the_window():
+    from npgpt.evaluate import continuation_logprobs, log_softmax
+    from npgpt.sampling import generate
+    m = model("BD", 3, T=24, dtype=np.float32)
+    m.flat[:] *= 10
+    a = generate(m, [[1, 2, 3], [4]], 18, temperature=0)
+    b = generate(m, [[1, 2, 3], [4]], 18, temperature=0, use_cache=False)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    prefix, conts = [1, 2, 3, 4, 5, 6], [[5, 6, 7, 8], [8], [9, 10]]  # rewinds past a window of 3
+    for c, lp in zip(conts, continuation_logprobs(m, prefix, conts)):
+        full = log_softmax(m.forward(np.array([prefix + c]))[0])
+        np.testing.assert_allclose(lp, full[np.arange(len(prefix) - 1, len(prefix) + len(c) - 1), c], atol=1e-4)

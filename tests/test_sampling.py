@@ -192,7 +192,7 @@ def test_kv_cache_follows_a_float64_model():
     idx = np.random.default_rng(3).integers(0, 19, (2, 12))
     cache = KVCache(cfg, 2)
     parts = [m.forward(idx[:, :5], kv=cache)] + [m.forward(idx[:, t:t + 1], kv=cache) for t in range(5, 12)]
-    assert cache.k.dtype == np.float64 and parts[-1].dtype == np.float64
+    assert cache.dtype == np.float64 and parts[-1].dtype == np.float64
     # float64 end to end: equal to the uncached forward far below float32 resolution (was ~1e-7)
     np.testing.assert_allclose(np.concatenate(parts, axis=1), m.forward(idx), rtol=1e-12, atol=1e-12)
-    assert KVCache(cfg, 1, dtype=np.float32).k.dtype == np.float32
+    assert KVCache(cfg, 1, dtype=np.float32).dtype == np.float32
