@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/oversubscribe.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/attention.py
+	$(BIN)/python benchmarks/banded.py
 	$(BIN)/python benchmarks/matmul.py
 	$(BIN)/python benchmarks/breakdown.py
 
