@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-ref fuzz bench fixtures clean imdb-model experiment-gpt1 experiment-fewshot experiment-rlhf
+.PHONY: install demo test test-ref fuzz bench fixtures clean imdb-model experiment-gpt1 experiment-banded experiment-fewshot experiment-rlhf
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -70,6 +70,11 @@ imdb-model: $(STAMP)
 experiment-gpt1: $(STAMP)
 	$(BIN)/python examples/imdb_data.py --imdb $(IMDB) --out runs/imdb
 	$(BIN)/python examples/gpt1_imdb.py --data runs/imdb --sst2 $(SST2) --out runs/gpt1-imdb
+
+# GPT-3: alternating dense and banded attention vs all-dense (D, BD, BBBD) on War and Peace; resumable
+WARPEACE ?= ../shared/data/warpeace/warpeace_input.txt
+experiment-banded: $(STAMP)
+	$(BIN)/python examples/banded_attention.py --data $(WARPEACE)
 
 # GPT-3: accuracy rises with the number of in-context demonstrations
 experiment-fewshot: $(STAMP)
