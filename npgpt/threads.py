@@ -73,12 +73,17 @@ def fair_share() -> int:
         d = peers_dir()
         if _shared is None:
             d.mkdir(mode=0o700, exist_ok=True)
-            f = open(d / str(os.getpid()), "w")
+            # locked before it is visible under its name: a peer never takes it for a dead holder's
+            tmp = d / f".{os.getpid()}.new"
+            f = open(tmp, "w")
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _shared = f
+            os.replace(tmp, d / str(os.getpid()))
+            _shared = (f, os.getpid())
             atexit.register(_leave)
         live = 0
         for p in d.iterdir():
+            if p.name.startswith("."):
+                continue  # being registered
             if p.name == str(os.getpid()):
                 live += 1
                 continue
@@ -124,11 +129,14 @@ def set_threads(n: int | None = None) -> dict:
 
 
 def _leave():
-    """Leave the registry (the file goes; its lock goes with the process anyway)."""
+    """Leave the registry (the file goes; its lock goes with the process anyway). A forked child that
+    inherited the registration leaves its parent's file alone."""
     global _shared
     if _shared is not None:
-        Path(_shared.name).unlink(missing_ok=True)
-        _shared.close()
+        f, pid = _shared
+        if pid == os.getpid():
+            Path(f.name).with_name(str(pid)).unlink(missing_ok=True)
+        f.close()
         _shared = None
 
 
