@@ -179,3 +179,22 @@ def test_generation_and_scoring_of_a_banded_model_past_the_window():
     for c, lp in zip(conts, continuation_logprobs(m, prefix, conts)):
         full = log_softmax(m.forward(np.array([prefix + c]))[0])
         np.testing.assert_allclose(lp, full[np.arange(len(prefix) - 1, len(prefix) + len(c) - 1), c], atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp16"])
+def test_a_quantized_banded_model_decodes_past_the_window(tmp_path, fmt):
+    from npgpt.checkpoint import save_checkpoint
+    from npgpt.convert import quantize_model
+    from npgpt.sampling import generate
+    m = model("BD", 3, T=24, dtype=np.float32)
+    save_checkpoint(tmp_path / "fp32", m)
+    quantize_model(tmp_path / "fp32", tmp_path / fmt, format=fmt)
+    q = npgpt.load(tmp_path / fmt)
+    assert q.config.attn_pattern == "BD" and not q.fused_decode
+    x = np.random.default_rng(5).integers(0, 11, (1, 20))
+    cache = KVCache(q.config, 1)
+    parts = [q.forward(x[:, :4], kv=cache)] + [q.forward(x[:, t:t + 1], kv=cache) for t in range(4, 20)]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), q.forward(x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(q.forward(x), m.forward(x), atol=0.05 if fmt == "int8" else 2e-3)
+    a = generate(q, [1, 2], 16, temperature=0)[0]
+    assert len(a) == 18
