@@ -91,6 +91,21 @@ def save_checkpoint(directory: str | Path, model, *, train_config=None, optimize
                          optimizers={"": optimizer} if optimizer is not None else None, state=state)
 
 
+def load_optimizers(directory: str | Path, opts: dict, step: int):
+    """Restore the Adam state of every optimizer ({prefix: AdamW}, as write_checkpoint stored them) from
+    the checkpoint of `step`; a state from another step, or of other shapes, is an NpgptError."""
+    d = Path(directory)
+    tensors, meta = load_safetensors(current(d, "optim.safetensors"), mmap=False)
+    if meta.get("step") != str(step):
+        raise NpgptError(f"{d}: optimizer state is from step {meta.get('step')}, state.json from {step}; "
+                         f"the checkpoint is inconsistent")
+    for prefix, opt in opts.items():
+        m, v, t = tensors.get(prefix + "m"), tensors.get(prefix + "v"), str(meta.get(prefix + "t", ""))
+        if m is None or v is None or m.shape != opt.m.shape or v.shape != opt.v.shape or not t.isdigit():
+            raise NpgptError(f"{d}: optimizer state does not match the model")
+        opt.m[:], opt.v[:], opt.t = m, v, int(t)
+
+
 def read_config(directory: str | Path) -> dict:
     """A checkpoint's config.json, its sections type-checked (the model section is checked in full by
     config_from_dict)."""

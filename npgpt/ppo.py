@@ -28,17 +28,16 @@ import numpy as np
 
 from .adapt import TaskHead
 from .chat import chat_ids, encode_chat, pad_batch, read_prompts
-from .checkpoint import load_model, write_checkpoint
+from .checkpoint import load_model, load_optimizers, write_checkpoint
 from .config import check_fields
 from .data import TokenData
 from .errors import NpgptError
-from .files import KINDS, DirLock, atomic_open, claim_out, crash_point, current, dir_kind, file_set, recover
+from .files import KINDS, DirLock, atomic_open, claim_out, crash_point, dir_kind, file_set, recover
 from .model import GPT
 from .optim import AdamW, grad_norm, joint_clip, require_finite
 from .params import decay_mask
 from .reward import RewardModel, load_reward_model, reward_files
 from .sampling import generate
-from .tensorfile import load_safetensors
 from .train import _read_state, _truncate_metrics, read_metrics
 
 
@@ -261,7 +260,7 @@ def _ppo(policy_dir, reward_dir, prompts, out: Path, cfg: PPOConfig, ptx_data, s
     if resume:
         state = _read_state(out)
         start = state["step"]
-        _load_optimizers(out, opts, start)
+        load_optimizers(out, opts, start)
         rng.bit_generator.state = state["rng"]
         _truncate_metrics(metrics, start, key="iteration")
     else:
@@ -393,19 +392,6 @@ def ppo_update(policy, value, opts: dict, exp: Experience, cfg: PPOConfig, rng, 
     if ptx_losses:
         out["ptx_loss"] = float(np.mean(ptx_losses))
     return out
-
-
-def _load_optimizers(out: Path, opts: dict, step: int):
-    """Adam state of every optimizer of a PPO run, from the checkpoint of iteration `step`."""
-    tensors, meta = load_safetensors(current(out, "optim.safetensors"), mmap=False)
-    if meta.get("step") != str(step):
-        raise NpgptError(f"{out}: optimizer state is from iteration {meta.get('step')}, state.json from {step}; "
-                         f"the checkpoint is inconsistent")
-    for prefix, opt in opts.items():
-        m, v, t = tensors.get(prefix + "m"), tensors.get(prefix + "v"), str(meta.get(prefix + "t", ""))
-        if m is None or v is None or m.shape != opt.m.shape or v.shape != opt.v.shape or not t.isdigit():
-            raise NpgptError(f"{out}: optimizer state does not match the models")
-        opt.m[:], opt.v[:], opt.t = m, v, int(t)
 
 
 def plot_ppo(out: Path):

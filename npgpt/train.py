@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import load_model, read_config, save_checkpoint
+from .checkpoint import load_model, load_optimizers, read_config, save_checkpoint
 from .config import TrainConfig, config_from_dict, load_config_file, resolve_config
 from .data import TokenData
 from .errors import NpgptError
@@ -26,7 +26,6 @@ from .files import KINDS, LOCK, DirLock, atomic_open, claim_out, crash_point, cu
 from .model import GPT
 from .optim import AdamW, grad_norm, lr_at, require_finite
 from .params import decay_mask
-from .tensorfile import load_safetensors
 from .threads import rebalance, thread_info
 
 
@@ -122,7 +121,7 @@ def _start_run(data: TokenData, out: Path, mcfg, tcfg, start: GPT | None, resume
         _truncate_metrics(out / "metrics.jsonl", 0)
         return model, opt, 0, np.random.default_rng(tcfg.seed), math.inf, 0.0
     state = _read_state(out)
-    _load_optimizer(out, opt, state["step"])
+    load_optimizers(out, {"": opt}, state["step"])
     rng = np.random.default_rng()
     rng.bit_generator.state = state["rng"]
     _truncate_metrics(out / "metrics.jsonl", state["step"])
@@ -239,19 +238,6 @@ def _read_state(out: Path) -> dict:
         return state
     except (OSError, ValueError, UnicodeDecodeError):
         raise NpgptError(f"{out}/state.json is damaged; the run cannot be resumed") from None
-
-
-def _load_optimizer(out: Path, opt: AdamW, step: int):
-    tensors, meta = load_safetensors(current(out, "optim.safetensors"), mmap=False)
-    if meta.get("step") != str(step):
-        raise NpgptError(f"{out}: optimizer state is from step {meta.get('step')}, state.json from step {step}; "
-                         f"the checkpoint is inconsistent")
-    if tensors.get("m") is None or tensors["m"].shape != opt.m.shape or tensors.get("v") is None \
-            or tensors["v"].shape != opt.v.shape or not str(meta.get("t", "")).isdigit():
-        raise NpgptError(f"{out}: optimizer state does not match the model")
-    opt.m[:] = tensors["m"]
-    opt.v[:] = tensors["v"]
-    opt.t = int(meta["t"])
 
 
 def read_metrics(path: Path) -> list[dict]:
