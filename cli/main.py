@@ -218,15 +218,16 @@ def generate(prompt, model, max_new_tokens, temperature, top_k, top_p, repetitio
 @click.option("--val", "val_file", required=True, type=click.Path(dir_okay=False), help="JSONL, CSV or TSV.")
 @click.option("--scratch", is_flag=True, help="Fresh random weights (seeded) of --model's architecture and "
               "tokenizer: the control arm of GPT-1's comparison.")
+@click.option("--resume", is_flag=True, help="Continue the fine-tuning in --out after its last finished epoch.")
 @job_options
-def finetune(ctx, model_dir, task, train_file, val_file, scratch, out, force, quiet):
+def finetune(ctx, model_dir, task, train_file, val_file, scratch, resume, out, force, quiet):
     """GPT-1 fine-tuning with a linear head and an auxiliary LM loss. Override the GPT-1 defaults with
     --learning_rate, --batch_size, --epochs, --warmup_fraction, --lm_coef, --clf_dropout, --seed ...
     A text longer than the context keeps its first quarter and its end."""
     from npgpt.config import apply_overrides, parse_overrides
     from npgpt.finetune import FinetuneConfig, finetune as run
     cfg = apply_overrides(FinetuneConfig(scratch=scratch), parse_overrides(ctx.args))
-    r = run(model_dir, task, train_file, val_file, out, cfg, force=force, quiet=quiet)
+    r = run(model_dir, task, train_file, val_file, out, cfg, force=force, quiet=quiet, resume=resume)
     click.echo(f"best: epoch {r['best']['epoch']}, val acc {r['best']['val_acc']:.4f} -> {out}")
 
 

@@ -110,7 +110,9 @@ def run_finetunes(model: Path, files, out: Path, results: Path, seeds: int, sst2
             continue
         ft = out / "ft" / name
         t0 = time.time()
-        hist = finetune(model, "classify", files[subset], files["val"], ft, cfg, force=True, quiet=True)
+        resume = (ft / "resume").is_dir()  # a run a stop interrupted goes on after its last epoch
+        hist = finetune(model, "classify", files[subset], files["val"], ft, cfg, force=not resume, resume=resume,
+                        quiet=True)
         t1 = time.time()
         dev_acc = accuracy(predict(ft, files["dev"]), files["dev"])
         t2 = time.time()

@@ -146,7 +146,7 @@ KINDS = {"data": "prepared data", "tokenizer": "a tokenizer", "checkpoint": "a m
 # what --force removes before a command rewrites a dir of its own kind (never anything else)
 OWNED = ("config.json", "model.safetensors", "tokenizer.json", "head.safetensors", "optim.safetensors",
          "state.json", "metrics.jsonl", "loss.png", "ppo.png", "meta.json", "train.bin", "val.bin",
-         "vocab.json", "merges.txt", "tokenizer_config.json", "value")
+         "vocab.json", "merges.txt", "tokenizer_config.json", "value", "resume")
 
 
 def dir_kind(path: str | Path) -> str | None:

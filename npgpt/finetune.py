@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
 import re
 import sys
@@ -23,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from .adapt import TaskHead, add_special_tokens
-from .checkpoint import load_head, load_model, read_config, save_checkpoint
+from .checkpoint import load_head, load_model, load_optimizers, read_config, write_checkpoint
 from .config import check_fields
 from .errors import NpgptError
 from .data import read_jsonl, read_text
-from .files import claim_out
+from .files import DirLock, claim_out, crash_point, current, file_set, recover
 from .model import GPT
 from .optim import AdamW, lr_linear, require_finite
 from .params import decay_mask
@@ -280,13 +281,22 @@ def step_loss(model: GPT, head: TaskHead, task: str, examples_seqs, labels, *, l
 
 # ---------------------------------------------------------------- training
 def finetune(model_dir, task: str, train_file, val_file, out_dir, cfg: FinetuneConfig | None = None,
-             *, force: bool = False, quiet: bool = False, stream=None) -> dict:
+             *, force: bool = False, quiet: bool = False, stream=None, resume: bool = False) -> dict:
     """Fine-tune a checkpoint on a labelled task; keeps the checkpoint with the best validation accuracy
-    in `out_dir`. Returns the history {"epochs": [...], "best": {...}}."""
-    cfg = cfg or FinetuneConfig()
+    in `out_dir`. Returns the history {"epochs": [...], "best": {...}}.
+
+    After every epoch the state to go on from (weights, head, both optimizers, RNG, history) is saved in
+    out_dir/resume/, in the same atomic switch as a new best checkpoint. resume=True continues from the
+    last finished epoch exactly as if never stopped, with the saved config (`cfg` is not used) and the
+    same data files."""
+    if resume and force:
+        raise NpgptError("give --resume or --force, not both")
     stream = stream or sys.stderr
     out = Path(out_dir)
-    with claim_out(out, "checkpoint", force):
+    lock = DirLock(out).acquire() if resume else claim_out(out, "checkpoint", force)
+    try:
+        saved = _resume_state(out) if resume else None
+        cfg = FinetuneConfig(**{k: saved["config"][k] for k in saved["config"]}) if saved else cfg or FinetuneConfig()
         train, val = read_task_file(train_file, task, labelled=True), read_task_file(val_file, task, labelled=True)
         labels = list(range(len(train[0]["choices"]))) if task == "choice" else label_set(train, train_file)
         index = {str(l): i for i, l in enumerate(labels)}
@@ -296,13 +306,20 @@ def finetune(model_dir, task: str, train_file, val_file, out_dir, cfg: FinetuneC
             if task == "choice" and len(ex["choices"]) != len(labels):
                 raise NpgptError(f"{val_file}:{ex['_line']}: {len(ex['choices'])} choices, but the training "
                                  f"examples have {len(labels)}")
-        base = load_model(model_dir)
-        if base.quantized:
-            raise NpgptError("a quantized model cannot be fine-tuned")
-        if cfg.scratch:  # same shape and tokenizer, weights drawn as for pretraining from the seed
-            base = GPT(base.config, seed=cfg.seed, tokenizer=base.tokenizer)
-        model, ids = add_special_tokens(base, SPECIALS, cfg.seed)
-        head = TaskHead(model.config.n_embd, 1 if task == "choice" else len(labels), seed=cfg.seed)
+        if saved:
+            if saved["task"] != task or saved["labels"] != labels:
+                raise NpgptError(f"{out} was fine-tuning task {saved['task']!r} with labels {saved['labels']}; "
+                                 f"these files give {task!r} with {labels}: resume with the same data")
+            model, ids = load_model(out / "resume", mmap=False), saved["special_tokens"]  # trained in place
+            head = TaskHead.from_tensors(load_head(out / "resume"), model.config.n_embd, f"{out}/resume/head.safetensors")
+        else:
+            base = load_model(model_dir)
+            if base.quantized:
+                raise NpgptError("a quantized model cannot be fine-tuned")
+            if cfg.scratch:  # same shape and tokenizer, weights drawn as for pretraining from the seed
+                base = GPT(base.config, seed=cfg.seed, tokenizer=base.tokenizer)
+            model, ids = add_special_tokens(base, SPECIALS, cfg.seed)
+            head = TaskHead(model.config.n_embd, 1 if task == "choice" else len(labels), seed=cfg.seed)
         enc_train = [encode_example(model, task, ex, ids) for ex in train]
         enc_val = [encode_example(model, task, ex, ids) for ex in val]
         y_train = np.array([ex["label"] if task == "choice" else index[str(ex["label"])] for ex in train])
@@ -314,8 +331,14 @@ def finetune(model_dir, task: str, train_file, val_file, out_dir, cfg: FinetuneC
         total = steps_per_epoch * cfg.epochs
         warmup = max(1, int(cfg.warmup_fraction * total))
         rng = np.random.default_rng(cfg.seed)
-        history, best, step = [], None, 0
-        for epoch in range(cfg.epochs):
+        history, best, step, first_epoch = [], None, 0, 0
+        if saved:
+            load_optimizers(out / "resume", {"model.": opt, "head.": hopt}, saved["step"])
+            rng.bit_generator.state = saved["rng"]
+            history, best, step, first_epoch = saved["history"], saved["best"], saved["step"], saved["epoch"]
+            if not quiet:
+                print(f"resuming after epoch {first_epoch}", file=stream, flush=True)
+        for epoch in range(first_epoch, cfg.epochs):
             order = rng.permutation(len(train))
             losses = []
             for b0 in range(0, len(train), cfg.batch_size):
@@ -338,16 +361,42 @@ def finetune(model_dir, task: str, train_file, val_file, out_dir, cfg: FinetuneC
                 hopt.step(head.grad, lr)
                 losses.append(loss)
                 step += 1
+                crash_point("finetune step")
             acc, f1, _ = evaluate_task(model, head, task, enc_val, y_val, len(labels))
             rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_acc": acc, "val_f1": f1}
             history.append(rec)
             if not quiet:
                 print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}, val acc {acc:.4f}"
                       + (f", val F1 {f1:.4f}" if f1 is not None else ""), file=stream, flush=True)
-            if best is None or acc > best["val_acc"]:
-                best = rec
-                save_finetuned(out, model, head, task, labels, ids, cfg, history)
+            is_best = best is None or acc > best["val_acc"]
+            best = rec if is_best else best
+            save_finetuned(out, model, head, task, labels, ids, cfg, history, best=is_best,
+                           resume={"opts": {"model.": opt, "head.": hopt},
+                                   "state": {"step": step, "epoch": epoch + 1, "rng": rng.bit_generator.state,
+                                             "history": history, "best": best}})
         return {"epochs": history, "best": best}
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _resume_state(out: Path) -> dict:
+    """What out/resume/ holds to go on from: {"config", "task", "labels", "special_tokens", "step",
+    "epoch", "rng", "history", "best"}; a missing or damaged state is an NpgptError."""
+    recover(out)
+    if not current(out, "resume").is_dir():
+        raise NpgptError(f"nothing to resume in {out} (no fine-tuning state there); run without --resume")
+    try:
+        state = json.loads(current(out / "resume", "state.json").read_text())
+        conf = read_config(current(out, "resume"))["finetune"]
+        if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("rng"), dict)
+                and isinstance(conf, dict)):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise NpgptError(f"{out}/resume is damaged; the fine-tuning cannot be resumed") from None
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    return {"config": {k: v for k, v in conf.items() if k in fields}, "task": conf.get("task"),
+            "labels": conf.get("labels"), "special_tokens": conf.get("special_tokens"), **state}
 
 
 def evaluate_task(model: GPT, head: TaskHead, task: str, enc, y, n_labels: int, batch: int = 32):
@@ -371,12 +420,21 @@ def evaluate_task(model: GPT, head: TaskHead, task: str, enc, y, n_labels: int, 
     return acc, f1, probs
 
 
-def save_finetuned(out: Path, model: GPT, head: TaskHead, task, labels, ids, cfg: FinetuneConfig, history):
-    """The fine-tuned model, its head and its task description, as one atomic checkpoint."""
-    save_checkpoint(out, model, provenance={"created_by": "npgpt finetune"},
-                    heads={"head.safetensors": head.tensors()},
-                    sections={"finetune": {"task": task, "labels": labels, "special_tokens": ids,
-                                           **dataclasses.asdict(cfg), "history": history}})
+def save_finetuned(out: Path, model: GPT, head: TaskHead, task, labels, ids, cfg: FinetuneConfig, history,
+                   *, best: bool = True, resume: dict | None = None):
+    """In one atomic switch: the fine-tuned model, its head and its task description as the checkpoint
+    (when `best`), and the state to resume from (`resume`: {"opts": {prefix: AdamW}, "state": {...}}) in
+    out/resume/."""
+    sections = {"provenance": {"created_by": "npgpt finetune"},
+                "finetune": {"task": task, "labels": labels, "special_tokens": ids, **dataclasses.asdict(cfg),
+                             "history": history}}
+    heads = {"head.safetensors": head.tensors()}
+    with file_set(out) as stage:
+        if best:
+            write_checkpoint(stage, model, sections=sections, heads=heads)
+        if resume:
+            write_checkpoint(stage / "resume", model, sections=sections, heads=heads, optimizers=resume["opts"],
+                             state=resume["state"])
 
 
 def load_finetuned(model_dir) -> tuple[GPT, TaskHead, dict]:

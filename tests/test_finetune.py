@@ -10,7 +10,7 @@ from npgpt.checkpoint import save_checkpoint
 from npgpt.config import GPTConfig
 from npgpt.errors import NpgptError
 from npgpt.finetune import (SPECIALS, TaskHead, add_special_tokens, encode_example, finetune, predict,
-                            read_task_file, step_loss, FinetuneConfig)
+                            read_task_file, step_loss, FinetuneConfig, load_finetuned)
 from npgpt.model import GPT
 from npgpt.tokenizer import Tokenizer
 
@@ -231,3 +231,61 @@ def test_cli_finetune_scratch_is_the_same_network_with_fresh_weights(tmp_path):
                 "--quiet")
     assert r.returncode == 0, r.stderr
     np.testing.assert_array_equal(npgpt.load(tmp_path / "ft2").flat, got.flat)
+
+
+def test_finetune_killed_anywhere_resumes_to_the_same_result(tmp_path):
+    """A fine-tuning killed at random points (between steps, inside the end-of-epoch save) and resumed
+    with --resume ends with the uninterrupted run's history, weights and head; resuming a finished run
+    changes nothing, and a dir without a fine-tuning state is refused."""
+    import os
+    import signal
+    import npgpt.files as F
+    tok = Tokenizer.train_char([ALPHABET])
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=tok.vocab_size)
+    save_checkpoint(tmp_path / "base", GPT(cfg, seed=0, tokenizer=tok))
+    rng = np.random.default_rng(0)
+    recs = [{"text": "".join(rng.choice(list("abc d"), 6)), "label": "xy"[i % 2]} for i in range(24)]
+    data = write_jsonl(tmp_path / "d.jsonl", recs)
+    ft = FinetuneConfig(epochs=3, batch_size=8, learning_rate=1e-3, seed=1)
+    npgpt.set_threads(1)
+    ref = finetune(tmp_path / "base", "classify", data, data, tmp_path / "ref", ft, quiet=True)
+
+    def killed_at(n, out):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.environ["NPGPT_CRASH_AT"] = str(n)
+                F._crash_count = 0
+                finetune(tmp_path / "base", "classify", data, data, out, ft, quiet=True)
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+    os.environ["NPGPT_CRASH_AT"] = "1000000000"  # count the crash points of a whole run
+    F._crash_count = 0
+    try:
+        finetune(tmp_path / "base", "classify", data, data, tmp_path / "count", ft, quiet=True)
+        points = F._crash_count
+    finally:
+        del os.environ["NPGPT_CRASH_AT"]
+    resumed = 0
+    for trial, n in enumerate(np.random.default_rng(0).integers(1, points + 1, size=12)):
+        out = tmp_path / f"t{trial}"
+        assert killed_at(n, out)
+        if not (out / "resume").is_dir() and not (out / F.COMMIT / "resume").is_dir():
+            continue  # killed before the first epoch ended: nothing to resume, a fresh start is right
+        resumed += 1
+        got = finetune(tmp_path / "base", "classify", data, data, out, quiet=True, resume=True)
+        assert got == ref, f"trial {trial}, crash point {n}"
+        a, b = npgpt.load(out), npgpt.load(tmp_path / "ref")
+        np.testing.assert_array_equal(a.flat, b.flat)
+        np.testing.assert_array_equal(load_finetuned(out)[1].flat, load_finetuned(tmp_path / "ref")[1].flat)
+    assert resumed >= 4, (resumed, points)
+    again = finetune(tmp_path / "base", "classify", data, data, tmp_path / "ref", quiet=True, resume=True)
+    assert again == ref
+    with pytest.raises(NpgptError, match="nothing to resume"):
+        finetune(tmp_path / "base", "classify", data, data, tmp_path / "empty", quiet=True, resume=True)
+    r = run_cli("finetune", "--model", tmp_path / "base", "--task", "classify", "--train", data, "--val", data,
+                "--out", tmp_path / "ref", "--resume", "--quiet")
+    assert r.returncode == 0, r.stderr
