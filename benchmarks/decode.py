@@ -130,9 +130,12 @@ def main():
         save_checkpoint(CKPT, m)
         del m
     int8_dir, fp16_dir = CKPT.parent / "gpt2-124m-random-int8", CKPT.parent / "gpt2-124m-random-fp16"
+    import json
     from npgpt.convert import quantize_model
+    from npgpt.quant import FORMATS
     for d, fmt in ((int8_dir, "int8"), (fp16_dir, "fp16")):
-        if not (d / "model.safetensors").is_file():
+        cfg = d / "config.json"  # a copy in an earlier layout is written again
+        if not cfg.is_file() or json.loads(cfg.read_text()).get("quantization", {}).get("scheme") != FORMATS[fmt]:
             quantize_model(CKPT, d, format=fmt, force=True)
     model = npgpt.load(CKPT)
     prompt = np.random.default_rng(0).integers(0, 50257, (1, args.prompt))

@@ -446,8 +446,9 @@ def quantize_model(model_dir: str | Path, out: str | Path, *, format: str = "int
         if name in axes and format == "fp16":  # linears (axis 1) stored (out, in): see quant.HalfWeight
             w = model.params[name]
             tensors.append((name, to_half(np.ascontiguousarray(w.T) if axes[name] == 1 else w, name)))
-        elif name in axes:
-            qw = quantize_matrix(model.params[name], axes[name])
+        elif name in axes:  # a linear [in, out] is stored (out, in), scaled per row (quant.SCHEME)
+            w = model.params[name]
+            qw = quantize_matrix(np.ascontiguousarray(w.T) if axes[name] == 1 else w, 0)
             tensors += [(name + ".q", qw.q), (name + ".scale", qw.scale)]
         else:
             tensors.append((name, np.ascontiguousarray(model.params[name], np.float32)))

@@ -114,3 +114,33 @@ def test_quantized_shipped_model_perplexity_within_one_percent(tmp_path):
     pa = perplexity(a, val, stride=64)["perplexity"]
     pb = perplexity(b, val, stride=64)["perplexity"]
     assert abs(pb - pa) / pa < 0.01, (pa, pb)
+
+
+def test_int8_checkpoints_of_the_earlier_layout_still_load(tmp_path):
+    """Before "int8-rows", linears were stored (in, out) with per-column scales ("int8-per-channel"):
+    such a checkpoint loads and computes what the new layout computes."""
+    from npgpt.checkpoint import write_config
+    from npgpt.quant import quantized_names
+    from npgpt.tensorfile import write_safetensors
+    fp = convert_hf(FIX / "l2h4c32", tmp_path / "fp32")
+    quantize_model(fp, tmp_path / "new")
+    m = npgpt.load(fp)
+    axes = quantized_names(m.shapes)
+    tensors = []
+    for name, _ in m.shapes:
+        if name in axes:
+            qw = quantize_matrix(m.params[name], axes[name])
+            tensors += [(name + ".q", qw.q), (name + ".scale", qw.scale)]
+        else:
+            tensors.append((name, np.ascontiguousarray(m.params[name])))
+    (tmp_path / "old").mkdir()
+    write_safetensors(tmp_path / "old" / "model.safetensors", tensors, {"format": "npgpt"})
+    write_config(tmp_path / "old", m.config, None, {"quantization": {"scheme": "int8-per-channel"}})
+    old, new = npgpt.load(tmp_path / "old"), npgpt.load(tmp_path / "new")
+    assert not new.params["h.0.mlp.c_fc.weight"].q.shape == old.params["h.0.mlp.c_fc.weight"].q.shape  # (out, in)
+    x = np.random.default_rng(0).integers(0, m.config.vocab_size, (1, 12))
+    np.testing.assert_allclose(old.forward(x), new.forward(x), rtol=1e-5, atol=1e-5)
+    from npgpt.model import KVCache  # the decode kernels of both layouts
+    ko, kn = KVCache(old.config, 1), KVCache(new.config, 1)
+    old.forward(x[:, :11], kv=ko), new.forward(x[:, :11], kv=kn)
+    np.testing.assert_allclose(old.forward(x[:, 11:], kv=ko), new.forward(x[:, 11:], kv=kn), rtol=1e-5, atol=1e-5)
