@@ -504,6 +504,16 @@ def quantize(model_dir, out, fmt, force):
     click.echo(f"wrote {out}: {r['bytes'] / 1e6:,.1f} MB (float32: {r['fp32_bytes'] / 1e6:,.1f} MB)")
 
 
+from .label import label  # noqa: E402
+cli.add_command(label)
+from .scale import scale  # noqa: E402
+cli.add_command(scale)
+
+
+from .serve import serve  # noqa: E402
+cli.add_command(serve)
+
+
 def main():
     cli(prog_name="npgpt")
 
