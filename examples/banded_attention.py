@@ -20,22 +20,10 @@ import sys
 from pathlib import Path
 
 import npgpt
+from npgpt.scale import flops_per_token
 
 ARMS = {"D": dict(attn_pattern="D"), "BD": dict(attn_pattern="BD", attn_window=256),
         "BBBD": dict(attn_pattern="BBBD", attn_window=256)}
-
-
-def flops_per_token(cfg) -> float:
-    """6 N (forward and backward through the weights) + 12 x (keys seen) x C per layer (q k^T and p v,
-    forward and backward)."""
-    T = cfg.block_size
-    n = sum(v for v in (12 * cfg.n_embd ** 2 * cfg.n_layer, cfg.vocab_size * cfg.n_embd))
-    keys = 0.0
-    for layer in range(cfg.n_layer):
-        w = cfg.window(layer)
-        # mean over query positions i of min(i + 1, w) (or i + 1 when dense)
-        keys += (T + 1) / 2 if not w else (w * (w + 1) / 2 + (T - w) * w) / T
-    return 6 * n + 12 * keys * cfg.n_embd
 
 
 def main():

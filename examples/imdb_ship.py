@@ -16,6 +16,7 @@ import numpy as np
 import npgpt
 from npgpt.data import TokenData
 from npgpt.evaluate import perplexity
+from npgpt.scale import flops_per_token
 
 COMMANDS = """```bash
 make imdb-model      # = the three commands below; rerun to resume exactly where it stopped
@@ -27,14 +28,6 @@ npgpt train --data runs/imdb-data --out runs/imdb-reviews \\
     --eval_interval 250 --eval_iters 40 --seed 1337
 python examples/imdb_ship.py
 ```"""
-
-
-def flops_per_token(cfg) -> float:
-    """Training FLOPs per token: 6 x every weight a token's forward multiplies (the blocks and the tied
-    head; not the position embedding, which is a lookup) + 12 x layers x (T + 1) / 2 keys x C for
-    the attention scores and values, forward and backward."""
-    n = 12 * cfg.n_embd ** 2 * cfg.n_layer + cfg.vocab_size * cfg.n_embd
-    return 6 * n + 12 * cfg.n_layer * (cfg.block_size + 1) / 2 * cfg.n_embd
 
 
 def main():
