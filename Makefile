@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-ref fuzz bench fixtures clean imdb-model experiment-gpt1 experiment-banded experiment-fewshot experiment-rlhf
+.PHONY: install demo test test-ref fuzz bench fixtures clean imdb-model experiment-gpt1 experiment-banded experiment-fewshot experiment-rlhf experiment-exposure
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/banded.py
 	$(BIN)/python benchmarks/matmul.py
 	$(BIN)/python benchmarks/breakdown.py
+	$(BIN)/python benchmarks/label.py
 
 # Regenerate the committed reference fixtures (needs torch).
 fixtures: $(STAMP)
@@ -83,6 +84,13 @@ experiment-fewshot: $(STAMP)
 # InstructGPT: pretrain -> SFT -> reward model -> PPO (with/without KL, with ptx) and DPO on a hidden rule
 experiment-rlhf: $(STAMP)
 	$(BIN)/python examples/rlhf_synthetic.py
+
+# GPTs are GPTs: an LLM-exposure labeller fine-tuned on GPT-4's labels, cross-validated on unseen occupations,
+# then shipped (weights/exposure-labeller) and scoring all 19,265 O*NET tasks. Starts from weights/imdb-reviews
+# (make imdb-model, then examples/imdb_ship.py). Resumable: rerun to continue.
+GPTS ?= ../shared/data/gpts-are-gpts
+experiment-exposure: $(STAMP)
+	$(BIN)/python examples/exposure_labeller.py --data $(GPTS) --out runs/exposure --ship
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

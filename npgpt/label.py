@@ -366,8 +366,8 @@ def score_in_context(model, tasks: list[dict], *, rubric: str = DEFAULT_RUBRIC, 
     demonstrations (prompt_text with their label; drawn by draw_shots, never from the task's occupation),
     then the task's prompt_text; each label is scored as the continuation " E0", " E1", " E2" (sum of its
     tokens' log-probs, then a softmax over the three). The prefix (rubric + demonstrations) runs once per
-    occupation through a KV cache; the rows (task + label) of an occupation run in batches that share it,
-    right-padded, of at most `budget` bytes of cache and logits. A prompt longer than the context loses
+    occupation through a KV cache; the rows (task + label tokens) of an occupation run in batches that share
+    it, right-padded, of at most `budget` bytes of cache and logits. A prompt longer than the context loses
     its earliest tokens (counted, with a warning on stderr, as eval_choice does)."""
     tok = model.tokenizer
     if tok is None:
@@ -394,21 +394,25 @@ def score_in_context(model, tasks: list[dict], *, rubric: str = DEFAULT_RUBRIC, 
         room = block - width - max(len(r) for r in rows)
         p_ids = full[len(full) - room:] if len(full) > room else full
         prefix.set(p_ids)
-        entries = [(j, k) for j in range(len(rows)) for k in range(3)]
+        # a row is a task and the label tokens before the last one; labels that differ only in their last
+        # token (" E0", " E1", " E2" in most vocabularies) share one row and read the same position
+        inputs = list(dict.fromkeys(tuple(c[:-1]) for c in conts))
+        entries = [(j, i) for j in range(len(rows)) for i in range(len(inputs))]
         T = max(len(r) for r in rows) + width
         per_row = 4 * (T * cfg.vocab_size + 2 * cfg.n_layer * cfg.n_embd * (len(p_ids) + T))
         step = max(1, min(len(entries), budget // per_row))
         for b0 in range(0, len(entries), step):
             batch = entries[b0:b0 + step]
             x = np.zeros((len(batch), T), np.int64)
-            for r, (j, k) in enumerate(batch):
-                seq = rows[j] + conts[k][:-1]
-                x[r, :len(seq)] = seq
+            for r, (j, i) in enumerate(batch):
+                x[r, :len(rows[j]) + len(inputs[i])] = rows[j] + list(inputs[i])
             logits = model.forward(x, kv=prefix.rows(len(batch), T)) if p_ids else model.forward(x)
-            for r, (j, k) in enumerate(batch):
-                n, c = len(rows[j]), conts[k]
-                lp = log_softmax(logits[r, n - 1:n - 1 + len(c)])
-                probs[idx[j], k] = lp[np.arange(len(c)), c].sum()
+            for r, (j, i) in enumerate(batch):
+                n = len(rows[j])
+                for k, c in enumerate(conts):
+                    if tuple(c[:-1]) == inputs[i]:
+                        lp = log_softmax(logits[r, n - 1:n - 1 + len(c)])
+                        probs[idx[j], k] = lp[np.arange(len(c)), c].sum()
     if crop.count:
         print(f"warning: {crop.count} of {len(tasks)} prompts were cropped", file=sys.stderr)
     probs = np.exp(probs - probs.max(1, keepdims=True))

@@ -155,10 +155,10 @@ def char_model(block=768, seed=0):
                tokenizer=tok)
 
 
-def direct_probs(model, text_before: str) -> np.ndarray:
+def direct_probs(model, text_before: str, labels=LABELS) -> np.ndarray:
     """The three labels' probabilities from one uncached forward per label over the whole prompt."""
     tok, scores = model.tokenizer, []
-    for l in LABELS:
+    for l in labels:
         ids, c = tok.encode(text_before), tok.encode(" " + l)
         lp = log_softmax(model.forward(np.array([ids + c[:-1]]))[0, len(ids) - 1:])
         scores.append(lp[np.arange(len(c)), c].sum())
@@ -179,6 +179,16 @@ def test_in_context_equals_scoring_each_prompt_without_a_cache():
     # an occupation's demonstrations do not depend on what else is scored
     np.testing.assert_allclose(score_in_context(model, tasks[-3:], rubric=rubric, shots=2, pool=pool, seed=3),
                                got[-3:], atol=1e-6)
+
+
+def test_labels_that_differ_before_their_last_token_get_rows_of_their_own(monkeypatch):
+    import npgpt.label
+    model = char_model()
+    tasks, _ = fixture_tasks(n_occupations=2, per=2)
+    monkeypatch.setattr(npgpt.label, "LABELS", ("E0", "E1", "E22"))  # " E22" is fed " E2", the others " E"
+    got = score_in_context(model, tasks, rubric="Rate.\n\n")
+    for t, p in zip(tasks, got):
+        np.testing.assert_allclose(p, direct_probs(model, "Rate.\n\n" + prompt_text(t), ("E0", "E1", "E22")), atol=1e-5)
 
 
 def test_shots_come_from_other_occupations_and_the_seed():
