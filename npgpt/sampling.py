@@ -163,7 +163,6 @@ def generate(model: GPT, prompt, max_new_tokens: int = 100, *, temperature: floa
         for b, r in enumerate(rows):
             seen[b, r] = True
     rng = np.random.default_rng(seed)
-    tail_tokens = 4 * max((len(s) for s in stop), default=0) + 1 if stop else 0
     end = np.full(B, L + max_new_tokens)
     done = np.zeros(B, bool)
     n = L
@@ -180,11 +179,7 @@ def generate(model: GPT, prompt, max_new_tokens: int = 100, *, temperature: floa
         if on_token is not None:
             on_token(nxt)
         for b in np.flatnonzero(~done):
-            # a new stop string must end in the new token; a string of m characters spans at most 4m
-            # byte-level tokens, so decoding that tail suffices (decoding all would be quadratic)
-            tail = out[b, max(L, n - tail_tokens):n] if stop else None
-            if (eos_id is not None and nxt[b] == eos_id) or \
-                    (stop and any(s in model.tokenizer.decode(tail) for s in stop)):
+            if (eos_id is not None and nxt[b] == eos_id) or stop_reached(model.tokenizer, out[b, L:n], stop):
                 done[b], end[b] = True, n
         if done.all() or i == max_new_tokens - 1:
             break
@@ -196,6 +191,16 @@ def generate(model: GPT, prompt, max_new_tokens: int = 100, *, temperature: floa
         else:
             logits = model.forward(out[:, n - 1:n], kv=cache)[:, -1]
     return [out[b, pad[b]:min(end[b], n)] for b in range(B)]
+
+
+def stop_reached(tokenizer, new, stop: list[str] | None) -> bool:
+    """Whether the continuation `new` (the ids generated so far) holds a stop string. Called after every
+    token, so a new one must end in the last token; a string of m characters spans at most 4m byte-level
+    tokens, so decoding that tail suffices (decoding all would be quadratic)."""
+    if not stop:
+        return False
+    text = tokenizer.decode(new[-(4 * max(map(len, stop)) + 1):])
+    return any(s in text for s in stop)
 
 
 def _prefill(model: GPT, idx, pad, cache: KVCache | None):
