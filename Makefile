@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/matmul.py
 	$(BIN)/python benchmarks/breakdown.py
 	$(BIN)/python benchmarks/label.py
+	$(BIN)/python benchmarks/serve.py --peer --budget 1800
 
 # Regenerate the committed reference fixtures (needs torch).
 fixtures: $(STAMP)

@@ -372,9 +372,10 @@ def settings_from(body: dict, *, max_tokens: int, eos_id, stop=()) -> tuple[Sett
     return s, seed, n
 
 
-def completion_prompts(model, prompt) -> list[list[int]]:
+def completion_prompts(model, prompt, limit: int) -> list[list[int]]:
     """The `prompt` of /v1/completions (a string, a list of strings, token ids or lists of them) as id
-    lists; an empty string is an unconditional start, as `npgpt generate` without a prompt."""
+    lists, at most `limit` of them; an empty string is an unconditional start, as `npgpt generate`
+    without a prompt."""
     def ids(p):
         if isinstance(p, str):
             return model.tokenizer.encode(p) if p else start_ids(model)[0]
@@ -384,6 +385,8 @@ def completion_prompts(model, prompt) -> list[list[int]]:
             return p
         raise ApiError(400, "'prompt' must be a string, a list of strings, or token ids", param="prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > limit:
+            raise ApiError(400, f"at most {limit} prompts in one request", param="prompt")
         return [ids(p) for p in prompt]
     return [ids(prompt)]
 
@@ -558,7 +561,7 @@ class Server:
 
     async def completions(self, request):
         body = await self._body(request)
-        prompts = completion_prompts(self.model, body.get("prompt", ""))
+        prompts = completion_prompts(self.model, body.get("prompt", ""), self.parallel + self.max_queue)
         self._fits(prompts)
         settings, seed, n = settings_from(body, max_tokens=16, eos_id=self.model.tokenizer.eot_id)
         return await self._generate(request, body, prompts, settings, seed, n, chat=False)
@@ -577,6 +580,9 @@ class Server:
         from starlette.responses import JSONResponse, StreamingResponse
         opts = body.get("stream_options")
         streaming, usage = _get(body, "stream", bool, False), isinstance(opts, dict) and bool(opts.get("include_usage"))
+        if len(prompts) * n > self.parallel + self.max_queue:
+            raise ApiError(400, f"{len(prompts) * n} sequences asked for; this server takes at most "
+                                f"{self.parallel + self.max_queue} in one request", param="n")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         seqs = [Sequence(self.model, p, settings, None if seed is None else seed + j,
                          lambda e, i=i * n + j: loop.call_soon_threadsafe(events.put_nowait, (i, e)))

@@ -288,7 +288,8 @@ def test_models_health_metrics_and_errors(model, url):
                        ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": "many"}, "integer"),
                        ({"stop": [""]}, "stop"), ({"seed": -1}, "seed"), ({"presence_penalty": 1}, "not supported"),
                        ({"prompt": "a" * 25}, "context"), ({"prompt": "ABC"}, "char"), ({"prompt": [99999]}, "token ids"),
-                       ({"logprobs": 50}, "logprobs"), ({"stream": "yes"}, "stream")]:
+                       ({"logprobs": 50}, "logprobs"), ({"stream": "yes"}, "stream"), ({"n": 10 ** 9}, "at most"),
+                       ({"prompt": ["a"] * 100}, "at most")]:
         with pytest.raises(openai.BadRequestError, match=match):
             c.completions.create(model="tiny", **{"prompt": "a", **bad})
     for msgs in [[], [{"role": "robot", "content": "hi"}], [{"role": "user", "content": "  "}]]:
@@ -296,6 +297,7 @@ def test_models_health_metrics_and_errors(model, url):
             c.chat.completions.create(model="tiny", messages=msgs)
     status, body = request(url, "POST", "/v1/completions", "{not json")
     assert status == 400 and "JSON" in body["error"]["message"]
+    c.completions.create(model="tiny", prompt="a", max_tokens=3)
     text = request(url, "GET", "/metrics")[1]
     assert re.search(r'npgpt_requests_total\{route="/v1/completions",code="400"\} \d+', text)
     assert metric(url, "generated_tokens_total") > 0 and metric(url, "slots_total") == 3
