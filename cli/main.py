@@ -127,16 +127,35 @@ def tokenizer_train(inputs, vocab_size, out, force):
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--force", is_flag=True, help="Overwrite an existing run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--verbose", is_flag=True, help="A line per step; under MPI with the time spent waiting for the sums.")
+@click.option("--bucket-mb", default=25.0, show_default=True, type=click.FloatRange(min=0),
+              help="Under MPI: gradients are all-reduced in buckets of this size while the backward goes on (0: after it).")
 @threads_option
 @click.pass_context
-def train(ctx, data, out, preset, config_file, init, resume, force, quiet):
-    """Pretrain a GPT. Any config key can be overridden: --n_layer 6 --learning_rate 3e-4 ..."""
+def train(ctx, data, out, preset, config_file, init, resume, force, quiet, verbose, bucket_mb):
+    """Pretrain a GPT. Any config key can be overridden: --n_layer 6 --learning_rate 3e-4 ...
+
+    \b
+    On several cores or machines, with MPI (pip install 'npgpt[mpi]'), N processes train as one:
+      mpirun -n 2 npgpt train --threads 1 --grad_accum 2 ...       # 2 ranks on this machine
+      mpirun -f hosts -ppn 2 -n 8 npgpt train --threads 1 --grad_accum 8 ...   # 4 hosts x 2 (MPICH)
+      mpirun --hostfile hosts -n 8 --map-by ppr:1:socket npgpt train ...       # Open MPI, 1 per socket
+    --grad_accum counts the micro-batches of the whole step (a multiple of N): the run is the one a
+    single process makes, and resumes with any N. Rank 0 writes --out; --data must be on every host.
+    Open MPI needs --allow-run-as-root as root, and --oversubscribe for more ranks than cores."""
     import npgpt
     from npgpt.config import parse_overrides
+    from npgpt.distributed import launched_rank
+    from npgpt.errors import NpgptError
     overrides = parse_overrides(ctx.args)
-    model = npgpt.train(data, out, preset=preset, config_file=config_file, overrides=overrides, init=init,
-                        resume=resume, force=force, quiet=quiet)
-    if not quiet:
+    try:
+        model = npgpt.train(data, out, preset=preset, config_file=config_file, overrides=overrides, init=init,
+                            resume=resume, force=force, quiet=quiet, verbose=verbose, bucket_mb=bucket_mb)
+    except NpgptError as e:
+        if getattr(e, "rank", 0):  # under MPI every rank met it: rank 0 reports it
+            sys.exit(1)
+        raise
+    if not quiet and not launched_rank():
         click.echo(f"saved {out} ({model.num_params:,} parameters)", err=True)
 
 

@@ -84,7 +84,7 @@ class GPT:
                  dtype=np.float32, tokenizer=None, params: dict | None = None):
         self.config = config.validate()
         self.shapes = param_shapes(config)
-        self.grad = self.grads = self._saved = None
+        self.grad = self.grads = self._saved = self._defer = None
         self.tokenizer = tokenizer
         if params is not None:  # inference-only weights (e.g. int8, see quant.py): no flat buffer
             self.flat, self.params = None, params
@@ -308,8 +308,7 @@ class GPT:
     def _residual_backward(self, dx, l, ln, sublayer_backward, a):
         """The mirror of `_residual`: d(output) [B, T, C] -> d(input); parameter gradients added."""
         def ln_backward(d):
-            return layernorm_backward(d, a[ln], self._w(l, f"{ln}.weight"), self._w(l, f"{ln}.weight", True),
-                                      self._w(l, f"{ln}.bias", True))
+            return self._ln_backward(d, a[ln], f"h.{l}.{ln}")
         if self.config.ln == "pre":
             return dx + ln_backward(sublayer_backward(dx, l, a))  # the residual and the branch both feed x
         dx = ln_backward(dx)
@@ -361,19 +360,28 @@ class GPT:
                                w(l, "mlp.c_fc.weight", True), w(l, "mlp.c_fc.bias", True))
 
     # ------------------------------------------------------------------ backward
-    def backward(self, dloss: float = 1.0, dhidden: np.ndarray | None = None, dlogp: np.ndarray | None = None):
+    def backward(self, dloss: float = 1.0, dhidden: np.ndarray | None = None, dlogp: np.ndarray | None = None,
+                 *, on_block=None, defer: list | None = None):
         """Add dloss * d(loss)/d(params) of the last `loss()` call into self.grad (call zero_grad first).
         Use dloss = 1/k for k accumulated micro-batches. dhidden [B, T, C], when given, is the gradient
         of another objective with respect to `hidden` (a task head on the final hidden states); it is
         added where the LM head's gradient enters. After `logprobs()`, dlogp [B, T] is the gradient of
         the objective with respect to those log-probabilities (dloss is then unused); after `features()`
-        only dhidden flows."""
+        only dhidden flows.
+
+        For data-parallel training (npgpt.distributed): on_block(l) is called as soon as the gradients
+        of block l's parameters are complete (l = n_layer - 1 first). With a list `defer`, the gradients
+        that are summed one token at a time in place (layernorm gains and biases; the embeddings'
+        scatter-add, though not the LM head's product) are not added to self.grad: each such addition is
+        appended to `defer` as (parameter names, function, leading arguments), to be applied later as
+        function(*arguments, *gradient views of the names) onto other buffers."""
         acts = self._saved
         if acts is None:
             raise RuntimeError("backward() needs a preceding loss(), logprobs() or features() call")
         if self.grad is None:
             self.zero_grad()
-        p, g = self.params, self.grads
+        g = self.grads
+        self._defer = defer
         if acts["logits"] is not None:
             dx = self._head_backward(acts, dloss, dlogp)
             if dhidden is not None:
@@ -383,14 +391,43 @@ class GPT:
         else:
             dx = np.array(dhidden, dtype=acts["xf"].dtype)
         if self.config.ln == "pre":
-            dx = layernorm_backward(dx, acts["ln_f"], p["ln_f.weight"], g["ln_f.weight"], g.get("ln_f.bias"))
+            dx = self._ln_backward(dx, acts["ln_f"], "ln_f")
         for l in reversed(range(self.config.n_layer)):
             a = acts["layers"][l]
             dx = self._residual_backward(dx, l, "ln_2", self._mlp_backward, a)
             dx = self._residual_backward(dx, l, "ln_1", self._attn_backward, a)
+            if on_block is not None:
+                on_block(l)
         dx = dropout_backward(dx, acts["emb_mask"])
-        embedding_backward(dx, acts["idx"], g["wte.weight"], g["wpe.weight"])
-        self._saved = None
+        if defer is None:
+            embedding_backward(dx, acts["idx"], g["wte.weight"], g["wpe.weight"])
+        else:
+            defer.append((("wte.weight", "wpe.weight"), embedding_backward, (dx, acts["idx"])))
+        self._saved = self._defer = None
+
+    def _ln_backward(self, dout, cache, name):
+        """The layernorm `name` ("h.0.ln_1", "ln_f"), backward: d(out) -> d(in); its gain and bias
+        gradients added, or deferred (see backward)."""
+        names = (f"{name}.weight", f"{name}.bias" if f"{name}.bias" in self.grads else None)
+        w = self.params[names[0]]
+        if self._defer is None:
+            return layernorm_backward(dout, cache, w, *(self.grads.get(n) for n in names))
+        self._defer.append((names, layernorm_backward, (dout, cache, w)))
+        scratch = np.zeros_like(w)  # the gradients land here, unused: only d(in) is wanted now
+        return layernorm_backward(dout, cache, w, scratch, scratch if names[1] else None)
+
+    def skip_dropout(self, batch: int, length: int, rng: np.random.Generator):
+        """Advance rng past the draws that loss(idx [batch, length], train=True, rng=rng) makes for
+        dropout, in the same order (the embeddings'; then per block the attention probabilities', the
+        attention output's, the MLP output's), computing nothing else: a rank of a data-parallel job
+        passes over the other ranks' micro-batches so (tests/test_mpi.py holds the two in step)."""
+        if self.config.dropout == 0.0:
+            return
+        C, H = self.config.n_embd, self.config.n_head
+        rng.random((batch, length, C), dtype=np.float32)
+        for _ in range(self.config.n_layer):
+            for shape in ((batch, H, length, length), (batch, length, C), (batch, length, C)):
+                rng.random(shape, dtype=np.float32)
 
     def _head_backward(self, acts, dloss, dlogp):
         """The tied LM head and its loss, backward: -> d(hidden) [B, T, C]; wte's gradient added.

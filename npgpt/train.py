@@ -4,10 +4,12 @@ One step = `grad_accum` micro-batches of `batch_size` windows, gradients summed 
 one batch k times the size), global-norm clipping, AdamW with warmup + cosine decay. Every `eval_interval`
 steps the train and val loss are estimated on fixed batches; checkpoints are written atomically. A run
 resumes exactly: the checkpoint carries the step, Adam's state and the RNG state that draws batches and
-dropout, so an interrupted and resumed run makes the same updates as an uninterrupted one.
+dropout, so an interrupted and resumed run makes the same updates as an uninterrupted one. Under an MPI
+launcher the micro-batches of a step are shared out among the ranks (npgpt.distributed): the same run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,26 +23,36 @@ import numpy as np
 from .checkpoint import load_model, load_optimizers, read_config, save_checkpoint
 from .config import TrainConfig, config_from_dict, load_config_file, resolve_config
 from .data import TokenData
+from .distributed import join
 from .errors import NpgptError
 from .files import KINDS, LOCK, DirLock, atomic_open, claim_out, crash_point, current, dir_kind, recover
 from .model import GPT
 from .optim import AdamW, grad_norm, lr_at, require_finite
-from .params import decay_mask
+from .params import decay_mask, num_params
 from .threads import rebalance, thread_info
 
 
-def estimate_loss(model: GPT, data: TokenData, split: str, iters: int, batch_size: int, seed: int) -> float:
-    """Mean loss over `iters` fixed batches (seeded, so every evaluation sees the same windows)."""
+def estimate_loss(model: GPT, data: TokenData, split: str, iters: int, batch_size: int, seed: int,
+                  dist=None) -> float:
+    """Mean loss over `iters` fixed batches (seeded, so every evaluation sees the same windows); under
+    MPI (`dist`) each rank computes its share of the batches."""
     rng = np.random.default_rng([seed, 1 if split == "val" else 0])
     T = model.config.block_size
-    losses = [model.loss(*data.batch(split, batch_size, T, rng)) for _ in range(iters)]
+    losses = np.zeros(iters)
+    for i in range(iters):
+        x, y = data.batch(split, batch_size, T, rng)
+        if dist is None or dist.owns(i, iters):
+            losses[i] = model.loss(x, y)
     model.drop_activations()
+    if dist is not None:
+        dist.sum_owned(losses)
     return float(np.mean(losses))
 
 
 def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | None = None,
           overrides: dict | None = None, init: str | Path | None = None, resume: bool = False,
-          force: bool = False, quiet: bool = False, stream=None) -> GPT:
+          force: bool = False, quiet: bool = False, verbose: bool = False, bucket_mb: float = 25.0,
+          stream=None) -> GPT:
     """Train a GPT on a prepared data dir and write checkpoints to `out_dir`; returns the final model.
 
     Config precedence: preset < config_file < overrides (keys of GPTConfig or TrainConfig). With
@@ -51,6 +63,13 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
     fine-tuning of GPT-2 on new text): its architecture is kept (dropout may change) and the data must
     have been prepared with its tokenizer (`npgpt prepare --tokenizer INIT_DIR`).
     The run dir is locked for the whole run: a second process on it stops with an error.
+
+    Started by an MPI launcher as one of N ranks (`mpirun -n N npgpt train ...`, with mpi4py), the N
+    processes are one data-parallel job (see npgpt.distributed): grad_accum (a multiple of N) counts the
+    micro-batches of the whole step, and the run makes the same updates as one process, so it resumes
+    with any number of ranks. Rank 0 alone reads and writes `out_dir`; the data dir must be the same on
+    every host. bucket_mb: the all-reduce buckets, sent while the backward goes on (0: one all-reduce
+    after it). verbose: a line per step (with the time spent waiting for the sums, under MPI).
     """
     stream = stream or sys.stderr
     if init is not None and (resume or preset):
@@ -58,23 +77,67 @@ def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | No
     if resume and force:
         raise NpgptError("give --resume or --force, not both")
     out = Path(out_dir)
-    data = TokenData(data_dir)
+    dist = join(bucket_mb)
+    if dist is None:
+        with contextlib.ExitStack() as held:
+            data = TokenData(data_dir)
+            run = _open_run(data, out, held, preset, config_file, overrides, init, resume, force, None)
+            return _train(data, out, *run, quiet, verbose, stream, None)
+    with dist.guard(), contextlib.ExitStack() as held:
+        with dist.together():  # every rank reads the data first: a host without it stops the job at once
+            data = TokenData(data_dir)
+        dist.same([data.vocab_size, data.sizes], f"the prepared data in {data_dir}")
+        with dist.together():
+            run = _open_run(data, out, held, preset, config_file, overrides, init, resume, force, dist) \
+                if dist.root else None
+        return _train(data, out, *_share_run(dist, run), quiet or not dist.root, verbose, stream, dist)
+
+
+def _open_run(data: TokenData, out: Path, held: contextlib.ExitStack, preset, config_file, overrides, init,
+              resume: bool, force: bool, dist):
+    """Lock `out` (until `held` closes), check what it holds, and start the run or resume it: (model
+    config, train config, init dir, model, optimizer, step, rng, best val loss, elapsed seconds)."""
     started = (out / LOCK).exists()
-    lock = DirLock(out).acquire()
-    try:
-        recover(out)
-        kind = dir_kind(out)
-        if resume and kind not in ("run", None):
-            raise NpgptError(f"{out} holds {KINDS[kind]}, not a training run; nothing to resume")
-        if resume and kind is None and not started:
-            raise NpgptError(f"nothing to resume in {out} (no run was started there)")
-        if not resume and kind == "run" and not force:
-            raise NpgptError(f"{out} already holds a run; use --resume to continue it or --force to overwrite it")
-        if not resume:
-            claim_out(out, "run", force, lock=False)
-        return _train(data, out, preset, config_file, overrides, init, resume and kind == "run", quiet, stream)
-    finally:
-        lock.release()
+    held.enter_context(DirLock(out))
+    recover(out)
+    kind = dir_kind(out)
+    if resume and kind not in ("run", None):
+        raise NpgptError(f"{out} holds {KINDS[kind]}, not a training run; nothing to resume")
+    if resume and kind is None and not started:
+        raise NpgptError(f"nothing to resume in {out} (no run was started there)")
+    if not resume and kind == "run" and not force:
+        raise NpgptError(f"{out} already holds a run; use --resume to continue it or --force to overwrite it")
+    if not resume:
+        claim_out(out, "run", force, lock=False)
+    resume = resume and kind == "run"
+    mcfg, tcfg, init, start = _configs(data, out, preset, config_file, overrides, init, resume)
+    if dist is not None and tcfg.grad_accum % dist.size:
+        raise NpgptError(f"grad_accum {tcfg.grad_accum} counts the micro-batches of a whole step: make it a "
+                         f"multiple of the {dist.size} ranks (e.g. --grad_accum {dist.size})")
+    return (mcfg, tcfg, init, resume) + _start_run(data, out, mcfg, tcfg, start, resume)
+
+
+def _share_run(dist, run):
+    """Rank 0's start of the run (see _open_run) on every rank: configs and counters as JSON, then the
+    weights and Adam's moments."""
+    head = None
+    if dist.root:
+        mcfg, tcfg, init, resume, model, opt, step, rng, best_val, elapsed = run
+        head = {"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg), "init": init and str(init),
+                "resume": resume, "t": opt.t, "step": step, "rng": rng.bit_generator.state,
+                "best_val": best_val, "elapsed": elapsed}
+    head = dist.share(head)
+    if not dist.root:
+        mcfg, tcfg = config_from_dict(head["model"]), config_from_dict(head["train"], TrainConfig)
+        model = GPT(mcfg, np.empty(num_params(mcfg), np.float32))
+        opt = AdamW(model.flat, decay_mask(mcfg), weight_decay=tcfg.weight_decay, beta1=tcfg.beta1,
+                    beta2=tcfg.beta2, eps=tcfg.eps)
+        opt.t, rng = head["t"], np.random.default_rng()
+        rng.bit_generator.state = head["rng"]
+        run = (mcfg, tcfg, head["init"], head["resume"], model, opt, head["step"], rng, head["best_val"],
+               head["elapsed"])
+    dist.share_arrays(model.flat, opt.m, opt.v)
+    return run
 
 
 def _configs(data: TokenData, out: Path, preset, config_file, overrides, init, resume: bool):
@@ -128,11 +191,11 @@ def _start_run(data: TokenData, out: Path, mcfg, tcfg, start: GPT | None, resume
     return model, opt, state["step"], rng, state.get("best_val_loss", math.inf), state.get("elapsed", 0.0)
 
 
-def _train(data: TokenData, out: Path, preset, config_file, overrides, init, resume: bool, quiet, stream) -> GPT:
-    mcfg, tcfg, init, start = _configs(data, out, preset, config_file, overrides, init, resume)
-    model, opt, step, rng, best_val, elapsed = _start_run(data, out, mcfg, tcfg, start, resume)
-    del start
+def _train(data: TokenData, out: Path, mcfg, tcfg, init, resume: bool, model: GPT, opt: AdamW, step: int, rng,
+           best_val: float, elapsed: float, quiet: bool, verbose: bool, stream, dist) -> GPT:
+    """The loop, from a started run; under MPI on every rank (rank 0 alone writes and prints)."""
     T, B, k = mcfg.block_size, tcfg.batch_size, tcfg.grad_accum
+    lead = dist is None or dist.root
     decay_iters = tcfg.lr_decay_iters or tcfg.max_iters
     ckpt_every = tcfg.ckpt_interval or tcfg.eval_interval
     provenance = {"data": str(data.dir), "tokenizer": data.tokenizer.kind, "created_by": "npgpt train"}
@@ -144,6 +207,9 @@ def _train(data: TokenData, out: Path, preset, config_file, overrides, init, res
         print(f"npgpt train: {model.num_params:,} parameters, {mcfg.n_layer} layers x {mcfg.n_embd} wide, "
               f"context {T}; batch {B} x {k} micro-batches; threads: BLAS {th['blas']}, Numba kernels 1 "
               f"({th['cores']} cores)", file=stream)
+        if dist is not None:
+            print(f"data-parallel: {dist.size} MPI ranks, {k // dist.size} of the {k} micro-batches each; "
+                  f"{dist.describe(model)}", file=stream)
         busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         if th["blas"] and th["blas"] > 1 and busy + th["blas"] > (th["cores"] or 1) + 0.5:
             # two busy-waiting BLAS pools on the same cores were measured 25x slower per step
@@ -152,30 +218,36 @@ def _train(data: TokenData, out: Path, preset, config_file, overrides, init, res
         if resume:
             print(f"resuming from step {step}", file=stream)
 
-    metrics = open(out / "metrics.jsonl", "a")
+    metrics = open(out / "metrics.jsonl", "a") if lead else None
     kept = f"the last good checkpoint in {out} is kept"
 
     def log(rec):
-        metrics.write(json.dumps(rec) + "\n")
-        metrics.flush()
+        if metrics is not None:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
 
     def evaluate():
-        tl = estimate_loss(model, data, "train", tcfg.eval_iters, B, tcfg.seed)
-        vl = estimate_loss(model, data, "val", tcfg.eval_iters, B, tcfg.seed) if data.sizes["val"] > T else math.nan
+        tl = estimate_loss(model, data, "train", tcfg.eval_iters, B, tcfg.seed, dist)
+        vl = (estimate_loss(model, data, "val", tcfg.eval_iters, B, tcfg.seed, dist) if data.sizes["val"] > T
+              else math.nan)
         require_finite(f"the evaluation of step {step}", kept, train_loss=tl,
                        **({"val_loss": vl} if data.sizes["val"] > T else {}))
         log({"step": step, "train_loss": tl, "val_loss": vl})
         return tl, vl
 
     def checkpoint():
-        os.fsync(metrics.fileno())  # the log of every step up to this one is on disk before the checkpoint
-        state = {"step": step, "rng": rng.bit_generator.state, "best_val_loss": best_val, "elapsed": elapsed,
-                 "tokens_seen": step * B * k * T}
-        save_checkpoint(out, model, train_config=tcfg, optimizer=opt, state=state, provenance=provenance)
-        if step:
-            _plot(out)
+        if dist is not None:  # the other ranks wait, and learn whether it was written
+            dist.check_replicas(model.flat)
+        with dist.together() if dist else contextlib.nullcontext():
+            if lead:
+                os.fsync(metrics.fileno())  # the log of every step up to this one is on disk before the checkpoint
+                state = {"step": step, "rng": rng.bit_generator.state, "best_val_loss": best_val,
+                         "elapsed": elapsed, "tokens_seen": step * B * k * T}
+                save_checkpoint(out, model, train_config=tcfg, optimizer=opt, state=state, provenance=provenance)
+                if step:
+                    _plot(out)
 
-    bar = _Progress(tcfg.max_iters, step, stream, quiet)
+    bar = _Progress(tcfg.max_iters, step, stream, quiet, verbose)
     try:
         if step == 0:  # a fresh run: checkpoint the start, so that a kill at any moment can resume
             if not resume:
@@ -186,23 +258,33 @@ def _train(data: TokenData, out: Path, preset, config_file, overrides, init, res
         while step < tcfg.max_iters:
             lr = lr_at(step, tcfg.learning_rate, tcfg.min_lr, tcfg.warmup_iters, decay_iters)
             model.zero_grad()
-            loss = 0.0
+            losses = np.zeros(k)  # each micro-batch's loss / k
             with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below, once
-                for _ in range(k):
+                for i in range(k):
                     x, y = data.batch("train", B, T, rng)
-                    loss += model.loss(x, y, train=True, rng=rng) / k
-                    model.backward(1.0 / k)
-                norm = grad_norm(model.grad)
+                    if dist is not None and not dist.owns(i, k):
+                        model.skip_dropout(B, T, rng)  # another rank's micro-batch
+                        continue
+                    losses[i] = model.loss(x, y, train=True, rng=rng) / k
+                    model.backward(1.0 / k, **(dist.hooks(model, i, k) if dist else {}))
+                grad = model.grad if dist is None else dist.reduce(model, losses)
+                loss = 0.0
+                for part in losses:  # in micro-batch order, as one process adds them
+                    loss += float(part)
+                norm = grad_norm(grad)
             require_finite(f"step {step + 1}", kept, loss=loss, gradient_norm=norm)
-            opt.step(model.grad, lr, tcfg.grad_clip, norm=norm)
+            opt.step(grad, lr, tcfg.grad_clip, norm=norm)
             step += 1
             crash_point("train step")
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             elapsed += dt
             tok_s = B * k * T / dt
-            log({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_sec": tok_s})
-            bar.update(step, loss, tok_s)
+            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_sec": tok_s}
+            if dist is not None:
+                rec["comm_wait_s"] = dist.wait_s
+            log(rec)
+            bar.update(step, loss, tok_s, f" (waited {dist.wait_s * 1e3:.1f} ms for the sums)" if dist else "")
             if step % 10 == 0:
                 rebalance()  # another npgpt job may have started or ended: take this one's share
             if step % tcfg.eval_interval == 0 or step == tcfg.max_iters:
@@ -213,7 +295,8 @@ def _train(data: TokenData, out: Path, preset, config_file, overrides, init, res
                 checkpoint()
             t_last = time.perf_counter()
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         bar.close()
     return model
 
@@ -287,18 +370,20 @@ def _plot(out: Path):
 class _Progress:
     """A one-line progress bar on a terminal (loss, tokens/s, ETA); periodic plain lines otherwise."""
 
-    def __init__(self, total, start, stream, quiet):
+    def __init__(self, total, start, stream, quiet, verbose=False):
         self.total, self.start, self.stream, self.quiet = total, start, stream, quiet
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.tty = hasattr(stream, "isatty") and stream.isatty() and not verbose
         self.t0 = time.perf_counter()
-        self.every = max(1, (total - start) // 20)
+        self.every = 1 if verbose else max(1, (total - start) // 20)
 
-    def update(self, step, loss, tok_s):
+    def update(self, step, loss, tok_s, extra=""):
         if self.quiet:
             return
         done = step - self.start
         eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
         line = f"step {step}/{self.total} loss {loss:.4f} {tok_s:,.0f} tok/s ETA {eta:,.0f}s"
+        if self.every == 1:
+            line += extra
         if self.tty:
             n = int(30 * step / self.total)
             print(f"\r[{'#' * n}{'.' * (30 - n)}] {line}\033[K", end="", file=self.stream, flush=True)
