@@ -10,7 +10,7 @@ FLOORS = [  # bottom to top
     {"layers", "params", "optim", "tokenizer"},
     {"model"},
     {"checkpoint", "sampling", "quant", "data"},
-    {"adapt", "train", "finetune", "evaluate", "convert", "chat", "sft", "reward", "ppo", "dpo", "label", "scale"},
+    {"adapt", "train", "finetune", "evaluate", "convert", "chat", "sft", "reward", "ppo", "dpo", "label", "scale", "distributed", "serve"},
     {"__init__"},
 ]
 
