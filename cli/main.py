@@ -128,7 +128,7 @@ def tokenizer_train(inputs, vocab_size, out, force):
 @click.option("--force", is_flag=True, help="Overwrite an existing run in --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--verbose", is_flag=True, help="A line per step; under MPI with the time spent waiting for the sums.")
-@click.option("--bucket-mb", default=25.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--bucket-mb", default=4.0, show_default=True, type=click.FloatRange(min=0),
               help="Under MPI: gradients are all-reduced in buckets of this size while the backward goes on (0: after it).")
 @threads_option
 @click.pass_context

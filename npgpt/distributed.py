@@ -8,8 +8,12 @@ the others it only advances the RNG past their dropout (GPT.skip_dropout). The g
 
 - most of the flat buffer by all-reduce, in buckets of about `bucket_mb` MB, each started as soon as the
   backward has finished the blocks it covers, so the sums travel while the backward goes on (0: one
-  all-reduce after the backward). Nothing is sent on a rank's earlier micro-batches. With two ranks a
-  sum of two is exact: bit for bit what one process adds;
+  all-reduce after the backward); a helper thread calls into MPI meanwhile, since MPI moves data only
+  inside its calls. Nothing is sent on a rank's earlier micro-batches. With two ranks a sum of two is
+  exact: bit for bit what one process adds. The default of 4 MB is a bucket per block or two: PyTorch
+  DDP's 25 MB suits GPU models, but on a CPU a block's backward outlasts its gradients' transfer (a
+  19 MB model, 2 ranks over 1 Gbit/s: 31-97 ms per step waited for the sums with 1-4 MB buckets,
+  176 ms with 25 MB, 198-267 ms without overlap; busy 2-core machine);
 - the embeddings and the layernorm gains and biases gather their gradient one token at a time, in place,
   so one process's result depends on the order of every token of the step. Each rank records those
   additions (GPT.backward's `defer`) and replays them onto the sums of the ranks before it, passed down
@@ -24,11 +28,13 @@ mpi4py is imported only when an MPI launcher started this process as one of seve
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 import zlib
@@ -42,6 +48,7 @@ from .params import param_shapes
 # Slurm's srun with PMI-2; MVAPICH
 _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+_POLL_TAG = 1899  # no message carries it: probing for it only advances MPI
 
 
 def _env_int(names) -> int | None:
@@ -58,7 +65,7 @@ def launched_rank() -> int:
     return _env_int(_RANK_VARS) or 0
 
 
-def join(bucket_mb: float = 25.0) -> DataParallel | None:
+def join(bucket_mb: float = 4.0) -> DataParallel | None:
     """The data-parallel job this process is a rank of, or None when an MPI launcher did not start it
     with more than one rank (then MPI is never imported)."""
     size = _env_int(_SIZE_VARS) or 1
@@ -82,7 +89,7 @@ def ordered(name: str) -> bool:
 class DataParallel:
     """This process's place in an MPI job of `size` ranks, and the collectives that training needs."""
 
-    def __init__(self, MPI, bucket_mb: float = 25.0):
+    def __init__(self, MPI, bucket_mb: float = 4.0):
         if not bucket_mb >= 0:
             raise NpgptError(f"bucket_mb must be >= 0, got {bucket_mb}")
         self.MPI, self.comm = MPI, MPI.COMM_WORLD
@@ -92,6 +99,25 @@ class DataParallel:
         self.host = socket.gethostname()
         self.layout = None
         self.wait_s = 0.0  # seconds the last step spent waiting for its sums after its backward
+        self.sending = threading.Event()  # set while buckets are in flight
+        if MPI.Query_thread() == MPI.THREAD_MULTIPLE:
+            self._stop = False
+            poller = threading.Thread(target=self._poll, daemon=True)
+            poller.start()
+            atexit.register(self._end_poll, poller)  # runs before mpi4py's MPI_Finalize (registered earlier)
+
+    def _poll(self):
+        """While buckets are in flight: call into MPI every 0.2 ms. MPI moves data only inside its calls,
+        so without these a non-blocking all-reduce over TCP sends a socket buffer's worth per block of the
+        backward; BLAS and the kernels release the GIL, so this thread runs beside them."""
+        while not self._stop:
+            if self.sending.wait(0.1):
+                self.comm.Iprobe(tag=_POLL_TAG)
+                time.sleep(0.0002)
+
+    def _end_poll(self, poller):
+        self._stop = True
+        poller.join(1.0)
 
     def owns(self, i: int, n: int) -> bool:
         """Whether item i of n (a micro-batch, an evaluation batch) is this rank's: contiguous blocks."""
@@ -213,6 +239,7 @@ class DataParallel:
             self.pending.append(self.comm.Iallreduce(model.grad[lo:self.next], self.out[lo:self.next],
                                                      op=self.MPI.SUM))
             self.next = lo
+            self.sending.set()
         self.MPI.Request.Testall(self.pending)
 
     def reduce(self, model, losses: np.ndarray) -> np.ndarray:
@@ -236,6 +263,7 @@ class DataParallel:
             self.comm.Send(chain, dest=self.rank + 1, tag=18)
         self.comm.Bcast(chain, root=self.size - 1)
         self.MPI.Request.Waitall(self.pending)
+        self.sending.clear()
         for off, v in self.chain_slices:
             self.out[off:off + v.size] = v
         self.deferred, self.pending = [], []

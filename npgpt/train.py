@@ -51,7 +51,7 @@ def estimate_loss(model: GPT, data: TokenData, split: str, iters: int, batch_siz
 
 def train(data_dir, out_dir, *, preset: str | None = None, config_file: str | None = None,
           overrides: dict | None = None, init: str | Path | None = None, resume: bool = False,
-          force: bool = False, quiet: bool = False, verbose: bool = False, bucket_mb: float = 25.0,
+          force: bool = False, quiet: bool = False, verbose: bool = False, bucket_mb: float = 4.0,
           stream=None) -> GPT:
     """Train a GPT on a prepared data dir and write checkpoints to `out_dir`; returns the final model.
 
