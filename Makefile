@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/banded.py
 	$(BIN)/python benchmarks/matmul.py
 	$(BIN)/python benchmarks/breakdown.py
+	$(BIN)/python benchmarks/mpi.py
 	$(BIN)/python benchmarks/label.py
 	$(BIN)/python benchmarks/serve.py --peer --budget 1800
 

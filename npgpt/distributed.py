@@ -45,9 +45,9 @@ from .errors import NpgptError
 from .params import param_shapes
 
 # what launchers put in the environment of the processes they start: Open MPI; MPICH, Intel MPI and
-# Slurm's srun with PMI-2; MVAPICH
+# Slurm's srun with PMI-2; MVAPICH; srun with PMIx (its size from Slurm)
 _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
-_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "PMIX_RANK")
 _POLL_TAG = 1899  # no message carries it: probing for it only advances MPI
 
 
@@ -65,10 +65,18 @@ def launched_rank() -> int:
     return _env_int(_RANK_VARS) or 0
 
 
+def launched_size() -> int:
+    """How many ranks the MPI launcher that started this process started (1 when none did)."""
+    size = _env_int(_SIZE_VARS)
+    if size is None and "PMIX_RANK" in os.environ:
+        size = _env_int(("SLURM_STEP_NUM_TASKS",))
+    return size or 1
+
+
 def join(bucket_mb: float = 4.0) -> DataParallel | None:
     """The data-parallel job this process is a rank of, or None when an MPI launcher did not start it
     with more than one rank (then MPI is never imported)."""
-    size = _env_int(_SIZE_VARS) or 1
+    size = launched_size()
     if size < 2:
         return None
     try:
@@ -78,6 +86,12 @@ def join(bucket_mb: float = 4.0) -> DataParallel | None:
                        f"pip install 'npgpt[mpi]'")
         e.rank = launched_rank()
         raise e from None
+    if MPI.COMM_WORLD.Get_size() != size:  # each process alone in its own world: N trainings, not one
+        e = NpgptError(f"the launcher started {size} ranks but MPI sees {MPI.COMM_WORLD.Get_size()}: mpi4py is "
+                       f"bound to another MPI ({' '.join(MPI.Get_library_version().split()[:3])}); start npgpt "
+                       f"with that MPI's mpirun")
+        e.rank = launched_rank()
+        raise e
     return DataParallel(MPI, bucket_mb)
 
 

@@ -143,6 +143,16 @@ def test_a_launcher_without_mpi4py_is_a_clear_error(shakespeare_data, tmp_path):
     assert r.returncode == 1 and "pip install 'npgpt[mpi]'" in r.stderr and "Traceback" not in r.stderr
 
 
+@needs_mpi
+def test_a_launcher_of_another_mpi_is_a_clear_error(shakespeare_data, tmp_path):
+    """Open MPI's mpirun starting an MPICH-bound mpi4py: each process would be alone in its own world,
+    N trainings instead of one."""
+    r = subprocess.run([*NPGPT, "--data", shakespeare_data, "--out", tmp_path / "run"], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "OMPI_COMM_WORLD_SIZE": "2"})
+    assert r.returncode == 1 and "the launcher started 2 ranks but MPI sees 1" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("cfg", [dict(), dict(ln="post", bias=False), dict(attn_window=4, attn_pattern="BD")])
 def test_skip_dropout_draws_what_a_training_forward_draws(cfg):
     model = GPT(npgpt.GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=32,
