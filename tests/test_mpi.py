@@ -73,12 +73,12 @@ def test_two_ranks_make_one_process_run_bit_for_bit(shakespeare_data, reference,
 
 
 @needs_mpi
-@pytest.mark.parametrize("ranks", [3, 4])
-def test_more_ranks_match_one_process_to_float_rounding(shakespeare_data, tmp_path, ranks):
+@pytest.mark.parametrize("ranks, grad_accum", [(3, 6), (4, 4)])
+def test_more_ranks_match_one_process_to_float_rounding(shakespeare_data, tmp_path, ranks, grad_accum):
     """More than two gradients are summed in MPI's order, not one process's: equal to rounding. Small
-    buckets make several all-reduces overlap the backward."""
-    alone(shakespeare_data, tmp_path / "one", 6, grad_accum=ranks)
-    r = launch(ranks, "--data", shakespeare_data, "--out", tmp_path / "many", *TINY, "--grad_accum", ranks,
+    buckets make several all-reduces overlap the backward; with 3 ranks each accumulates 2 micro-batches."""
+    alone(shakespeare_data, tmp_path / "one", 6, grad_accum=grad_accum)
+    r = launch(ranks, "--data", shakespeare_data, "--out", tmp_path / "many", *TINY, "--grad_accum", grad_accum,
                "--max_iters", 6, "--bucket-mb", 0.005)
     assert r.returncode == 0, r.stderr
     np.testing.assert_allclose(metrics(tmp_path / "many"), metrics(tmp_path / "one"), rtol=1e-6, atol=0)
@@ -185,6 +185,17 @@ def test_deferred_additions_replayed_give_the_backward_bit_for_bit(cfg):
         fn(*args, *(views[n] if n else None for n in names))
     for name, expect in make_views(plain, model.shapes).items():
         assert np.array_equal(views[name] if ordered(name) else model.grads[name], expect), name
+
+
+def test_only_the_last_micro_batch_of_a_rank_starts_sending():
+    """No communication on a rank's earlier micro-batches (DDP's no_sync); their deferred additions are
+    kept for the chain."""
+    model = GPT(npgpt.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=32), seed=0)
+    model.zero_grad()
+    dp = DataParallel.__new__(DataParallel)
+    dp.rank, dp.size, dp.bucket_bytes, dp.layout = 1, 2, 1 << 20, None
+    first, last = dp.hooks(model, 2, 4), dp.hooks(model, 3, 4)
+    assert first["on_block"] is None and last["on_block"] is not None and first["defer"] is last["defer"]
 
 
 def test_micro_batches_are_shared_in_contiguous_blocks():
