@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-ref fuzz bench fixtures clean imdb-model experiment-gpt1 experiment-banded experiment-fewshot experiment-rlhf experiment-exposure
+.PHONY: install demo test test-ref fuzz bench fixtures clean imdb-model experiment-gpt1 experiment-banded experiment-fewshot experiment-rlhf experiment-scaling experiment-exposure
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -82,6 +82,12 @@ experiment-banded: $(STAMP)
 # GPT-3: accuracy rises with the number of in-context demonstrations
 experiment-fewshot: $(STAMP)
 	$(BIN)/python examples/fewshot_icl.py
+
+# GPT-4: predict a run's loss from runs of 1/10 and 1/100 of its compute (needs `make imdb-model`'s data);
+# commit examples/scaling/*-prediction.json, then `python examples/scaling.py --corpus C --target`
+experiment-scaling: $(STAMP)
+	$(BIN)/python examples/scaling.py --corpus teacher
+	$(BIN)/python examples/scaling.py --corpus imdb
 
 # InstructGPT: pretrain -> SFT -> reward model -> PPO (with/without KL, with ptx) and DPO on a hidden rule
 experiment-rlhf: $(STAMP)
