@@ -268,15 +268,45 @@ def int8_matmul_cols(x, q, s, out, T):
 
 @nb.njit(**_pjit)
 def int8_matmul_rows(x, q, s, out):
-    """out [N, V] = (x [N, C] @ q[V, C]^T) * s [V]: the tied LM head, one dot product per vocab row."""
+    """out [N, V] = (x [N, C] @ q [V, C]^T) * s [V]: one dot product per row of q (the tied head, and the
+    linears of the int8-rows layout). With several rows of x, each row of q is widened to float32 once
+    and dotted with four rows of x per pass (widening it for every row of x cost more than the dots)."""
     N, C = x.shape
     V = q.shape[0]
-    for v in nb.prange(V):
-        for n in range(N):
+    if N == 1:
+        for v in nb.prange(V):
             acc = np.float32(0.0)
             for c in range(C):
-                acc += x[n, c] * np.float32(q[v, c])
-            out[n, v] = acc * s[v]
+                acc += x[0, c] * np.float32(q[v, c])
+            out[0, v] = acc * s[v]
+        return
+    B = 64  # rows of q per task: one float32 buffer each
+    for blk in nb.prange((V + B - 1) // B):
+        w = np.empty(C, np.float32)
+        for v in range(blk * B, min(V, blk * B + B)):
+            for c in range(C):
+                w[c] = np.float32(q[v, c])
+            n = 0
+            while n + 4 <= N:
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                for c in range(C):
+                    a0 += x[n, c] * w[c]
+                    a1 += x[n + 1, c] * w[c]
+                    a2 += x[n + 2, c] * w[c]
+                    a3 += x[n + 3, c] * w[c]
+                out[n, v] = a0 * s[v]
+                out[n + 1, v] = a1 * s[v]
+                out[n + 2, v] = a2 * s[v]
+                out[n + 3, v] = a3 * s[v]
+                n += 4
+            for n in range(n, N):
+                acc = np.float32(0.0)
+                for c in range(C):
+                    acc += x[n, c] * w[c]
+                out[n, v] = acc * s[v]
 
 
 # ---------------------------------------------------------------- decoding one token per row (pre-LN)

@@ -25,7 +25,11 @@ from .errors import NpgptError
 SCHEME = "int8-rows"
 SCHEMES = (SCHEME, "int8-per-channel", "fp16")
 FORMATS = {"int8": SCHEME, "fp16": "fp16"}  # npgpt quantize --format -> the scheme in config.json
-_SMALL = 8  # up to this many rows the int8 kernels run; more rows dequantize in blocks and use BLAS
+# Up to this many rows the int8 kernels run (16: GPT-2's int8 decode of 16 rows at once, as `npgpt serve`
+# batches them, took 64 ms per step vs 190 ms dequantizing for BLAS); more rows (a prefill) dequantize in
+# blocks and use BLAS. The float16 kernel stays at 8 rows.
+_SMALL = 16
+_SMALL_HALF = 8
 _BLOCK = 1 << 22  # values dequantized at a time on the BLAS path (16 MB of float32)
 
 
@@ -135,7 +139,7 @@ class HalfWeight(Int8Weight):
         x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
         bits = self.h.view(np.uint16)
         # the kernel scales x by 2^112 (kernels._half): from |x| = 2^16 on that overflows float32
-        if x2.shape[0] > _SMALL or not self.transposed or not np.abs(x2).max(initial=0.0) < 2.0 ** 16:
+        if x2.shape[0] > _SMALL_HALF or not self.transposed or not np.abs(x2).max(initial=0.0) < 2.0 ** 16:
             out = self._blocked_matmul(x2)
         else:
             out = np.empty((x2.shape[0], self.h.shape[0]), np.float32)
