@@ -42,6 +42,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(shakespeare_data, tmp_pa
     chosen points, inside checkpoint writes too)."""
     args = ["--data", shakespeare_data, "--quiet", "--max_iters", "150", "--eval_interval", "30",
             "--ckpt_interval", "15"] + [f"--{k}={v}" for k, v in SMALL.items()] + ["--dropout", "0.1"]
+    # a fixed thread count: under the default policy another npgpt job starting or ending on the machine
+    # changes the BLAS threads mid-run, and OpenBLAS's sums (so the last bits of a run) depend on them
+    args += ["--threads", "1"]
     cmd = [sys.executable, "-m", "npgpt_cli.main", "train"]
     full = tmp_path / "full"
     subprocess.run(cmd + ["--out", full] + args, check=True, timeout=300)
