@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 import npgpt
-from npgpt.scale import flops_per_token
+from npgpt.data import TokenData
+from npgpt.scale import final_loss, flops_per_token
 
 ARMS = {"D": dict(attn_pattern="D"), "BD": dict(attn_pattern="BD", attn_window=256),
         "BBBD": dict(attn_pattern="BBBD", attn_window=256)}
@@ -50,27 +51,36 @@ def main():
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         evals = [m for m in metrics if "val_loss" in m]
         speed = [m["tokens_per_sec"] for m in metrics if "tokens_per_sec" in m]
-        rows.append((arm, evals[-1]["val_loss"], sorted(speed)[len(speed) // 2], flops_per_token(model.config)))
-    print(f"\n{'arm':<6} {'val loss':>9} {'tok/s':>8} {'GFLOP/token':>12}")
-    for arm, vl, tok_s, fl in rows:
-        print(f"{arm:<6} {vl:9.4f} {tok_s:8.0f} {fl / 1e9:12.3f}")
+        whole = out / arm / "val_whole.json"  # the whole val split, windows advancing by half a context
+        if not whole.is_file():
+            whole.write_text(json.dumps({"nll": final_loss(model, TokenData(out / "data"))}))
+        rows.append((arm, evals[-1]["val_loss"], json.loads(whole.read_text())["nll"], sorted(speed)[len(speed) // 2],
+                     flops_per_token(model.config)))
+    print(f"\n{'arm':<6} {'val loss (10 batches)':>21} {'whole val split':>16} {'tok/s':>8} {'GFLOP/token':>12}")
+    for arm, vl, whole, tok_s, fl in rows:
+        print(f"{arm:<6} {vl:21.4f} {whole:16.4f} {tok_s:8.0f} {fl / 1e9:12.3f}")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, *_ in rows:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for arm, *_, fl in rows:
         evals = [json.loads(line) for line in (out / arm / "metrics.jsonl").read_text().splitlines()
                  if line.strip() and "val_loss" in line]
-        ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], label=arm)
-    ax.set_xlabel("step (2,048 tokens)")
-    ax.set_ylabel("val loss (nats / char)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+        evals = [e for e in evals if e["step"] >= 100]  # step 0 (4.5 nats) would flatten the rest
+        steps, loss = [e["step"] for e in evals], [e["val_loss"] for e in evals]
+        axes[0].plot(steps, loss, label=arm)
+        axes[1].plot([s_ * 2048 * fl / 1e15 for s_ in steps], loss, label=arm)
+    axes[0].set_xlabel("step (2,048 tokens)")
+    axes[1].set_xlabel("training compute (PFLOP)")
+    axes[0].set_ylabel("val loss (nats / char, 10 batches)")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "banded.png", dpi=100)
+    fig.savefig(Path(__file__).resolve().parent / "banded.png", dpi=100)
 
 
 if __name__ == "__main__":
