@@ -137,7 +137,6 @@ def run_grid(grid_path, out_dir, *, quiet: bool = False, stream=None) -> list[di
     that finished), score it (final_loss) and rewrite out_dir/runs.jsonl: one line per finished point with
     name, budget, params (N), tokens (D), flops (C), loss. Returns those records."""
     import sys
-    from .checkpoint import load_model
     from .data import TokenData
     from .files import current
     from .train import train
@@ -156,8 +155,6 @@ def run_grid(grid_path, out_dir, *, quiet: bool = False, stream=None) -> list[di
                       f"C {p['flops']:.3g}", file=stream)
             started = current(d, "state.json").is_file() if d.is_dir() else False
             model = train(grid["data"], d, overrides=dict(p["overrides"]), resume=started, quiet=True)
-            del model
-            model = load_model(d)
             rec = {k: p[k] for k in ("name", "budget", "params", "tokens", "flops")}
             rec["loss"] = final_loss(model, data)
             atomic_write_json(done, rec)
