@@ -230,6 +230,27 @@ def generate(prompt, model, max_new_tokens, temperature, top_k, top_p, repetitio
 
 
 # ---------------------------------------------------------------- fine-tuning (GPT-1)
+def _bucket_option(f):
+    """--bucket-mb of the commands that run data-parallel under MPI (train has its own, with its help)."""
+    return click.option("--bucket-mb", default=4.0, show_default=True, type=click.FloatRange(min=0),
+                        help="Under MPI: gradients are all-reduced in buckets of this size while the backward "
+                             "goes on (0: after it).")(f)
+
+
+def _on_rank_0(job):
+    """job()'s result on rank 0 (or without MPI), None on the other ranks of an MPI job, which print
+    nothing: an error every rank met is reported by rank 0 alone (see npgpt.distributed)."""
+    from npgpt.distributed import launched_rank
+    from npgpt.errors import NpgptError
+    try:
+        r = job()
+    except NpgptError as e:
+        if getattr(e, "rank", 0):
+            sys.exit(1)
+        raise
+    return None if launched_rank() else r
+
+
 @cli.command(context_settings=OVERRIDES)
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Pretrained checkpoint dir.")
 @click.option("--task", required=True, type=click.Choice(["classify", "entail", "similar", "choice"]))
@@ -238,16 +259,26 @@ def generate(prompt, model, max_new_tokens, temperature, top_k, top_p, repetitio
 @click.option("--scratch", is_flag=True, help="Fresh random weights (seeded) of --model's architecture and "
               "tokenizer: the control arm of GPT-1's comparison.")
 @click.option("--resume", is_flag=True, help="Continue the fine-tuning in --out after its last finished epoch.")
+@_bucket_option
 @job_options
-def finetune(ctx, model_dir, task, train_file, val_file, scratch, resume, out, force, quiet):
+def finetune(ctx, model_dir, task, train_file, val_file, scratch, resume, bucket_mb, out, force, quiet):
     """GPT-1 fine-tuning with a linear head and an auxiliary LM loss. Override the GPT-1 defaults with
     --learning_rate, --batch_size, --epochs, --warmup_fraction, --lm_coef, --clf_dropout, --seed ...
-    A text longer than the context keeps its first quarter and its end."""
+    A text longer than the context keeps its first quarter and its end.
+
+    \b
+    --batch_size counts the examples of a step; --grad_accum K (default 1) splits it into K
+    micro-batches: the same updates, in less memory. With MPI, N processes fine-tune as one:
+      mpiexec -n 2 npgpt finetune --threads 1 --grad_accum 2 ...
+    K must be a multiple of N; rank 0 reads the inputs and writes --out; --resume works with any N
+    that divides the saved K."""
     from npgpt.config import apply_overrides, parse_overrides
     from npgpt.finetune import FinetuneConfig, finetune as run
     cfg = apply_overrides(FinetuneConfig(scratch=scratch), parse_overrides(ctx.args))
-    r = run(model_dir, task, train_file, val_file, out, cfg, force=force, quiet=quiet, resume=resume)
-    click.echo(f"best: epoch {r['best']['epoch']}, val acc {r['best']['val_acc']:.4f} -> {out}")
+    r = _on_rank_0(lambda: run(model_dir, task, train_file, val_file, out, cfg, force=force, quiet=quiet,
+                               resume=resume, bucket_mb=bucket_mb))
+    if r is not None:
+        click.echo(f"best: epoch {r['best']['epoch']}, val acc {r['best']['val_acc']:.4f} -> {out}")
 
 
 @cli.command()
@@ -283,14 +314,24 @@ def _skip_note(r: dict):
               help='JSON lines: {"prompt", "response"} or {"messages": [...]} (also instruction/input/output).')
 @click.option("--val", "val_file", default=None, type=click.Path(dir_okay=False), help="Validation demonstrations (default: hold out --val_fraction).")
 @click.option("--skip-bad", is_flag=True, help="Skip bad records (with a count) instead of stopping.")
+@_bucket_option
 @job_options
-def sft(ctx, model_dir, data_file, val_file, out, skip_bad, force, quiet):
+def sft(ctx, model_dir, data_file, val_file, out, skip_bad, bucket_mb, force, quiet):
     """Supervised fine-tuning on demonstrations (loss on the responses only). Override the defaults with
-    --learning_rate, --min_lr, --batch_size, --epochs, --warmup_fraction, --val_fraction, --seed ..."""
+    --learning_rate, --min_lr, --batch_size, --epochs, --warmup_fraction, --val_fraction, --seed ...
+
+    \b
+    --batch_size counts the demonstrations of a step; --grad_accum K (default 1) splits it into K
+    micro-batches: the same updates, in less memory. With MPI, N processes train as one:
+      mpiexec -n 2 npgpt sft --threads 1 --grad_accum 2 ...
+    K must be a multiple of N; rank 0 reads the inputs and writes --out."""
     from npgpt.config import apply_overrides, parse_overrides
     from npgpt.sft import SFTConfig, sft as run
-    r = run(model_dir, data_file, out, apply_overrides(SFTConfig(), parse_overrides(ctx.args)), val_file=val_file,
-            skip_bad=skip_bad, force=force, quiet=quiet)
+    cfg = apply_overrides(SFTConfig(), parse_overrides(ctx.args))
+    r = _on_rank_0(lambda: run(model_dir, data_file, out, cfg, val_file=val_file, skip_bad=skip_bad, force=force,
+                               quiet=quiet, bucket_mb=bucket_mb))
+    if r is None:
+        return
     _skip_note(r)
     b = r["best"]
     click.echo(f"saved {out} (epoch {b['epoch']}" + (f", val loss {b['val_loss']:.4f}" if "val_loss" in b else "") + ")")

@@ -95,6 +95,12 @@ def join(bucket_mb: float = 4.0) -> DataParallel | None:
     return DataParallel(MPI, bucket_mb)
 
 
+def micro_batches(n: int, k: int) -> list[slice]:
+    """A step's n examples as k contiguous micro-batches (micro-batch i: from i * n // k), the same for
+    any number of ranks; when n < k (an epoch's last, short batch) some are empty."""
+    return [slice(i * n // k, (i + 1) * n // k) for i in range(k)]
+
+
 def ordered(name: str) -> bool:
     """Parameters whose gradient one token at a time is added in place: summed down the chain of ranks."""
     return name in ("wte.weight", "wpe.weight") or "ln_" in name
@@ -202,6 +208,30 @@ class DataParallel:
         (x + 0 is exact: every rank gets the owners' values bit for bit)."""
         self.comm.Allreduce(self.MPI.IN_PLACE, values, op=self.MPI.SUM)
 
+    def share_ragged(self, rows=None) -> list[list[int]]:
+        """Rank 0's `rows` (lists of ints of any lengths: token sequences, masks) on every rank: the
+        lengths as JSON, the values as one raw int64 array (a JSON text of every token would be 3-5
+        times the bytes)."""
+        lengths = self.share([len(r) for r in rows] if self.root else None)
+        flat = (np.fromiter((v for r in rows for v in r), np.int64, sum(lengths)) if self.root
+                else np.empty(sum(lengths), np.int64))
+        self.comm.Bcast(flat, root=0)
+        ends = np.cumsum(lengths)
+        return [flat[e - n:e].tolist() for n, e in zip(lengths, ends)]
+
+    def sum_grads(self, grad: np.ndarray) -> np.ndarray:
+        """grad (any shape; each rank's sum over its own micro-batches), summed over the ranks in place
+        and returned: for small buffers outside the model's flat one (a task head's). With two ranks a
+        sum of two is exact: one process's accumulation bit for bit."""
+        self.comm.Allreduce(self.MPI.IN_PLACE, grad, op=self.MPI.SUM)
+        return grad
+
+    def require_split(self, grad_accum: int, why: str = ""):
+        """Raise unless the grad_accum micro-batches of a step can be shared out evenly among the ranks."""
+        if grad_accum % self.size:
+            raise NpgptError(f"grad_accum {grad_accum} counts the micro-batches of a whole step: make it a "
+                             f"multiple of the {self.size} ranks (e.g. --grad_accum {self.size}){why}")
+
     def check_replicas(self, flat: np.ndarray):
         """The ranks' weights must be the same bits (one CRC per rank), or the run has split."""
         self.same(zlib.crc32(flat.view(np.uint8)), "the weights")
@@ -244,6 +274,15 @@ class DataParallel:
         last = i + 1 == k or not self.owns(i + 1, k)
         overlap = last and self.bucket_bytes > 0
         return {"defer": self.deferred, "on_block": (lambda l: self._block_done(model, l)) if overlap else None}
+
+    def idle(self, model, i: int, k: int):
+        """This rank's micro-batch i of k is empty (a step's last, short batch of examples split k ways):
+        no backward, but its part in the step's sums all the same. Every rank must start the same
+        all-reduces, bucket for bucket, so the blocks are reported done as a backward would."""
+        on_block = self.hooks(model, i, k)["on_block"]
+        if on_block is not None:
+            for l in reversed(range(model.config.n_layer)):
+                on_block(l)
 
     def _block_done(self, model, l: int):
         """Block l's gradients are complete: all-reduce what lies from its start to the last bucket's if that

@@ -8,9 +8,15 @@ Input transformations (GPT-1, section 3.3), with three special tokens added to t
   choice:    <start> context <delim> answer_k <extract> for every candidate; a linear head gives each a
              scalar score and a softmax runs across the candidates
 Loss = task cross-entropy + lm_coef * LM loss on the same sequences (lm_coef = 0.5 as GPT-1).
+
+A step's batch of batch_size examples can be split into grad_accum micro-batches (less memory; under an
+MPI launcher they are shared out among the ranks, see npgpt.distributed): each micro-batch's gradient is
+weighted by its share of the step's examples (task loss) and of the step's LM targets (LM loss), so the
+sum is the whole batch's gradient and the step is the same update, to float rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -25,13 +31,14 @@ import numpy as np
 
 from .adapt import TaskHead, add_special_tokens
 from .checkpoint import load_head, load_model, load_optimizers, read_config, write_checkpoint
-from .config import check_fields
+from .config import check_fields, config_from_dict
 from .errors import NpgptError
 from .data import read_jsonl, read_text
+from .distributed import join, micro_batches
 from .files import DirLock, claim_out, crash_point, current, file_set, recover
 from .model import GPT
 from .optim import AdamW, lr_linear, require_finite
-from .params import decay_mask
+from .params import decay_mask, num_params
 
 TASKS = {"classify": ("text",), "entail": ("premise", "hypothesis"), "similar": ("a", "b"),
          "choice": ("context", "choices")}
@@ -40,9 +47,13 @@ SPECIALS = ("<|start|>", "<|delim|>", "<|extract|>")
 
 @dataclass
 class FinetuneConfig:
-    """GPT-1's fine-tuning defaults."""
+    """GPT-1's fine-tuning defaults. batch_size counts the examples of a whole optimizer step (GPT-1's
+    32), and grad_accum the micro-batches it is split into: unlike `npgpt train`, where batch_size is a
+    micro-batch's, so that the steps of an epoch and the schedule do not depend on how a step is split
+    (a multiple of the ranks under MPI; at most batch_size)."""
     learning_rate: float = 6.25e-5
     batch_size: int = 32
+    grad_accum: int = 1              # micro-batches per step: the same update, in pieces
     epochs: int = 3
     warmup_fraction: float = 0.002   # then linear decay to 0
     lm_coef: float = 0.5
@@ -53,9 +64,12 @@ class FinetuneConfig:
     scratch: bool = False            # GPT-1's control arm: the same architecture, fresh random weights
 
     def __post_init__(self):
-        check_fields(self, learning_rate="positive", batch_size="count", epochs="count", warmup_fraction="unit",
-                     lm_coef="nonneg", clf_dropout="fraction", weight_decay="nonneg", grad_clip="nonneg", seed="index",
-                     scratch="flag")
+        check_fields(self, learning_rate="positive", batch_size="count", grad_accum="count", epochs="count",
+                     warmup_fraction="unit", lm_coef="nonneg", clf_dropout="fraction", weight_decay="nonneg",
+                     grad_clip="nonneg", seed="index", scratch="flag")
+        if self.grad_accum > self.batch_size:
+            raise NpgptError(f"config: grad_accum ({self.grad_accum}) splits a step's batch_size "
+                             f"({self.batch_size}) examples: it must not be larger")
 
 
 # ---------------------------------------------------------------- data
@@ -207,12 +221,13 @@ def encode_example(model: GPT, task: str, ex: dict, ids: dict[str, int]) -> list
 
 # ---------------------------------------------------------------- the head and the loss
 def task_loss(task: str, h: np.ndarray, head: TaskHead, labels: np.ndarray, n_cand: int = 0,
-              drop_mask: np.ndarray | None = None):
+              drop_mask: np.ndarray | None = None, n_step: int | None = None):
     """Cross-entropy of the task head on extract states h [N_seq, C].
 
     classify/entail: one state per example; similar: two per example (added); choice: n_cand per example
     (scores softmaxed across them). Returns (loss, probs [B, K], backward) where backward() adds into
-    head.grad and returns dh [N_seq, C]."""
+    head.grad and returns dh [N_seq, C]: the gradient of the mean over these B examples, or, for a
+    micro-batch of a step of n_step examples, of their sum / n_step (its part of the step's mean)."""
     W, b = head.params["head.weight"], head.params["head.bias"]
     hd = h if drop_mask is None else h * drop_mask
     if task == "similar":
@@ -231,7 +246,7 @@ def task_loss(task: str, h: np.ndarray, head: TaskHead, labels: np.ndarray, n_ca
     def backward():
         dz = p.copy()
         dz[np.arange(B), labels] -= 1.0
-        dz = (dz / B).astype(h.dtype)
+        dz = (dz / (n_step or B)).astype(h.dtype)
         if task == "choice":
             dz = dz.reshape(-1, 1)
         head.grads["head.weight"] += z_in.T @ dz
@@ -261,123 +276,292 @@ def step_loss(model: GPT, head: TaskHead, task: str, examples_seqs, labels, *, l
               rng=None, clf_dropout: float = 0.0):
     """Forward (and, when train, backward into model.grad and head.grad) of one batch. Returns
     (total loss, task loss, probs)."""
-    seqs = [s for ex in examples_seqs for s in ex]
     n_cand = len(examples_seqs[0]) if task == "choice" else 0
-    x, y, pos = batch_arrays(seqs)
+    tl, lm, probs = _forward_backward(model, head, task, batch_arrays([s for ex in examples_seqs for s in ex]),
+                                      n_cand, labels, lm_coef=lm_coef, train=train, rng=rng, clf_dropout=clf_dropout)
+    return tl + lm_coef * lm, tl, probs
+
+
+def _forward_backward(model: GPT, head: TaskHead, task: str, arrays, n_cand: int, labels, *, lm_coef: float,
+                      train: bool, rng=None, clf_dropout: float = 0.0, n_step: int | None = None,
+                      lm_share: float = 1.0, hooks: dict | None = None):
+    """step_loss on batch_arrays' (ids [N_seq, T], LM targets [N_seq, T], extract positions [N_seq]) of B
+    examples: (task loss, LM loss, probs [B, K]), each loss the mean over this batch. As a micro-batch of
+    a step of n_step examples whose LM targets are lm_share of the step's, the gradients added are its
+    parts of the step's means. hooks: GPT.backward's data-parallel arguments (DataParallel.hooks)."""
+    x, y, pos = arrays
     lm = model.loss(x, y, train=train, rng=rng)
     h_all = model.hidden
-    h = h_all[np.arange(len(seqs)), pos]
+    rows = np.arange(len(x))
+    h = h_all[rows, pos]
     mask = None
     if train and clf_dropout > 0:
         mask = (rng.random(h.shape) >= clf_dropout).astype(h.dtype) / (1.0 - clf_dropout)
-    tl, probs, back = task_loss(task, h, head, np.asarray(labels), n_cand, mask)
+    tl, probs, back = task_loss(task, h, head, np.asarray(labels), n_cand, mask, n_step)
     if train:
         dh = back()
         dhidden = np.zeros_like(h_all)
-        dhidden[np.arange(len(seqs)), pos] = dh
-        model.backward(lm_coef, dhidden=dhidden)
-    return tl + lm_coef * lm, tl, probs
+        dhidden[rows, pos] = dh
+        model.backward(lm_coef * lm_share, dhidden=dhidden, **(hooks or {}))
+    return tl, lm, probs
+
+
+def _skip_draws(model: GPT, shape, clf_dropout: float, rng):
+    """Advance rng past the draws of a training _forward_backward on ids of `shape` [N_seq, T] (the
+    model's dropout, then the head's), computing nothing: another rank's micro-batch."""
+    model.skip_dropout(*shape, rng)
+    if clf_dropout > 0:
+        rng.random((shape[0], model.config.n_embd))
 
 
 # ---------------------------------------------------------------- training
 def finetune(model_dir, task: str, train_file, val_file, out_dir, cfg: FinetuneConfig | None = None,
-             *, force: bool = False, quiet: bool = False, stream=None, resume: bool = False) -> dict:
+             *, force: bool = False, quiet: bool = False, stream=None, resume: bool = False,
+             bucket_mb: float = 4.0) -> dict:
     """Fine-tune a checkpoint on a labelled task; keeps the checkpoint with the best validation accuracy
     in `out_dir`. Returns the history {"epochs": [...], "best": {...}}.
 
     After every epoch the state to go on from (weights, head, both optimizers, RNG, history) is saved in
     out_dir/resume/, in the same atomic switch as a new best checkpoint. resume=True continues from the
     last finished epoch exactly as if never stopped, with the saved config (`cfg` is not used) and the
-    same data files."""
+    same data files.
+
+    Started by an MPI launcher as one of N ranks (`mpiexec -n N npgpt finetune ...`), the N processes are
+    one data-parallel job, as `npgpt train` (npgpt.distributed): the grad_accum micro-batches of every
+    step (a multiple of N) are shared out, the model's gradient is summed as train sums it and the head's
+    by one all-reduce, so the run makes one process's updates with the same grad_accum (bit for bit with
+    two ranks and grad_accum 2) and resumes with any N that divides grad_accum. Rank 0 alone reads the
+    model and the data files, writes `out_dir` and prints; it shares the encoded examples, weights and
+    optimizer state, and the others wait for its saves. The validation batches are shared out too.
+    bucket_mb: the all-reduce buckets, as for train."""
     if resume and force:
         raise NpgptError("give --resume or --force, not both")
     stream = stream or sys.stderr
     out = Path(out_dir)
-    lock = DirLock(out).acquire() if resume else claim_out(out, "checkpoint", force)
-    try:
-        saved = _resume_state(out) if resume else None
-        cfg = FinetuneConfig(**{k: saved["config"][k] for k in saved["config"]}) if saved else cfg or FinetuneConfig()
-        train, val = read_task_file(train_file, task, labelled=True), read_task_file(val_file, task, labelled=True)
-        labels = list(range(len(train[0]["choices"]))) if task == "choice" else label_set(train, train_file)
-        index = {str(l): i for i, l in enumerate(labels)}
-        for ex in val:  # the training file is consistent by construction of `labels`
-            if task != "choice" and str(ex["label"]) not in index:
-                raise NpgptError(f"{val_file}:{ex['_line']}: label {ex['label']!r} is not one of the training labels")
-            if task == "choice" and len(ex["choices"]) != len(labels):
-                raise NpgptError(f"{val_file}:{ex['_line']}: {len(ex['choices'])} choices, but the training "
-                                 f"examples have {len(labels)}")
-        if saved:
-            if saved["task"] != task or saved["labels"] != labels:
-                raise NpgptError(f"{out} was fine-tuning task {saved['task']!r} with labels {saved['labels']}; "
-                                 f"these files give {task!r} with {labels}: resume with the same data")
-            model, ids = load_model(out / "resume", mmap=False), saved["special_tokens"]  # trained in place
-            head = TaskHead.from_tensors(load_head(out / "resume"), model.config.n_embd, f"{out}/resume/head.safetensors")
-        else:
-            base = load_model(model_dir)
-            if base.quantized:
-                raise NpgptError("a quantized model cannot be fine-tuned")
-            if cfg.scratch:  # same shape and tokenizer, weights drawn as for pretraining from the seed
-                base = GPT(base.config, seed=cfg.seed, tokenizer=base.tokenizer)
-            model, ids = add_special_tokens(base, SPECIALS, cfg.seed)
-            head = TaskHead(model.config.n_embd, 1 if task == "choice" else len(labels), seed=cfg.seed)
-        enc_train = [encode_example(model, task, ex, ids) for ex in train]
-        enc_val = [encode_example(model, task, ex, ids) for ex in val]
-        y_train = np.array([ex["label"] if task == "choice" else index[str(ex["label"])] for ex in train])
-        y_val = np.array([ex["label"] if task == "choice" else index[str(ex["label"])] for ex in val])
+    dist = join(bucket_mb)
+    if dist is None:
+        with contextlib.ExitStack() as held:
+            return _train(_open(model_dir, task, train_file, val_file, out, cfg, resume, force, held, None),
+                          out, quiet, stream, None)
+    with dist.guard(), contextlib.ExitStack() as held:
+        with dist.together():
+            run = _open(model_dir, task, train_file, val_file, out, cfg, resume, force, held, dist) \
+                if dist.root else None
+        return _train(_share_run(dist, run), out, quiet or not dist.root, stream, dist)
 
-        opt = AdamW(model.flat, decay_mask(model.config), weight_decay=cfg.weight_decay)
-        hopt = AdamW(head.flat, head.decay_mask(), weight_decay=cfg.weight_decay)
-        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-        total = steps_per_epoch * cfg.epochs
-        warmup = max(1, int(cfg.warmup_fraction * total))
-        rng = np.random.default_rng(cfg.seed)
-        history, best, step, first_epoch = [], None, 0, 0
-        if saved:
-            load_optimizers(out / "resume", {"model.": opt, "head.": hopt}, saved["step"])
-            rng.bit_generator.state = saved["rng"]
-            history, best, step, first_epoch = saved["history"], saved["best"], saved["step"], saved["epoch"]
-            if not quiet:
-                print(f"resuming after epoch {first_epoch}", file=stream, flush=True)
-        for epoch in range(first_epoch, cfg.epochs):
-            order = rng.permutation(len(train))
-            losses = []
-            for b0 in range(0, len(train), cfg.batch_size):
-                idx = order[b0:b0 + cfg.batch_size]
-                lr = lr_linear(step, cfg.learning_rate, warmup, total)
-                model.zero_grad()
-                head.grad.fill(0)
-                loss, _, _ = step_loss(model, head, task, [enc_train[i] for i in idx], y_train[idx], lm_coef=cfg.lm_coef,
-                                       train=True, rng=rng, clf_dropout=cfg.clf_dropout)
-                # one global norm over the model and the head, as one parameter set
-                norm = math.sqrt(float(np.dot(model.grad, model.grad)) + float(np.dot(head.grad, head.grad)))
-                require_finite(f"epoch {epoch + 1}, step {step + 1}", loss=loss, gradient_norm=norm,
-                               kept=f"the best checkpoint so far (epoch {best['epoch']}) is kept" if best else
-                               "nothing was saved")
-                scale = min(1.0, cfg.grad_clip / (norm + 1e-6)) if cfg.grad_clip > 0 else 1.0
-                if scale < 1.0:
-                    model.grad *= scale
-                    head.grad *= scale
-                opt.step(model.grad, lr)
-                hopt.step(head.grad, lr)
-                losses.append(loss)
-                step += 1
-                crash_point("finetune step")
-            acc, f1, _ = evaluate_task(model, head, task, enc_val, y_val, len(labels))
-            rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_acc": acc, "val_f1": f1}
-            history.append(rec)
-            if not quiet:
-                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}, val acc {acc:.4f}"
-                      + (f", val F1 {f1:.4f}" if f1 is not None else ""), file=stream, flush=True)
-            is_best = best is None or acc > best["val_acc"]
-            best = rec if is_best else best
-            save_finetuned(out, model, head, task, labels, ids, cfg, history, best=is_best,
-                           resume={"opts": {"model.": opt, "head.": hopt},
-                                   "state": {"step": step, "epoch": epoch + 1, "rng": rng.bit_generator.state,
-                                             "history": history, "best": best}})
-        return {"epochs": history, "best": best}
-    finally:
+
+@dataclass
+class _Run:
+    """A fine-tuning as every rank holds it once started (or resumed): the encoded examples (per example
+    a list of token sequences), labels as indices, and where the loop goes on from."""
+    cfg: FinetuneConfig
+    task: str
+    labels: list
+    ids: dict
+    model: GPT
+    head: TaskHead
+    enc_train: list
+    y_train: np.ndarray
+    enc_val: list
+    y_val: np.ndarray
+    opt: AdamW
+    hopt: AdamW
+    rng: np.random.Generator
+    history: list
+    best: dict | None
+    step: int
+    epoch: int          # epochs finished
+    resumed: bool
+
+
+def _open(model_dir, task, train_file, val_file, out: Path, cfg, resume: bool, force: bool,
+          held: contextlib.ExitStack, dist) -> _Run:
+    """Lock `out` (until `held` closes), read and check the data, and start the fine-tuning or resume it
+    (under MPI: on rank 0 only; grad_accum is checked against the ranks before `out` is claimed)."""
+    if resume:
+        held.enter_context(DirLock(out))
+        saved = _resume_state(out)
+        cfg = FinetuneConfig(**{k: saved["config"][k] for k in saved["config"]})
+        if dist is not None and cfg.grad_accum % dist.size:
+            raise NpgptError(f"{out} was fine-tuning with grad_accum {cfg.grad_accum} micro-batches per step, which "
+                             f"{dist.size} ranks cannot share evenly: resume with a number of ranks that divides it")
+    else:
+        saved, cfg = None, cfg or FinetuneConfig()
+        if dist is not None:
+            dist.require_split(cfg.grad_accum)
+        lock = claim_out(out, "checkpoint", force)
         if lock is not None:
-            lock.release()
+            held.callback(lock.release)
+    train, val = read_task_file(train_file, task, labelled=True), read_task_file(val_file, task, labelled=True)
+    labels = list(range(len(train[0]["choices"]))) if task == "choice" else label_set(train, train_file)
+    index = {str(l): i for i, l in enumerate(labels)}
+    for ex in val:  # the training file is consistent by construction of `labels`
+        if task != "choice" and str(ex["label"]) not in index:
+            raise NpgptError(f"{val_file}:{ex['_line']}: label {ex['label']!r} is not one of the training labels")
+        if task == "choice" and len(ex["choices"]) != len(labels):
+            raise NpgptError(f"{val_file}:{ex['_line']}: {len(ex['choices'])} choices, but the training "
+                             f"examples have {len(labels)}")
+    if saved:
+        if saved["task"] != task or saved["labels"] != labels:
+            raise NpgptError(f"{out} was fine-tuning task {saved['task']!r} with labels {saved['labels']}; "
+                             f"these files give {task!r} with {labels}: resume with the same data")
+        model, ids = load_model(out / "resume", mmap=False), saved["special_tokens"]  # trained in place
+        head = TaskHead.from_tensors(load_head(out / "resume"), model.config.n_embd, f"{out}/resume/head.safetensors")
+    else:
+        base = load_model(model_dir)
+        if base.quantized:
+            raise NpgptError("a quantized model cannot be fine-tuned")
+        if cfg.scratch:  # same shape and tokenizer, weights drawn as for pretraining from the seed
+            base = GPT(base.config, seed=cfg.seed, tokenizer=base.tokenizer)
+        model, ids = add_special_tokens(base, SPECIALS, cfg.seed)
+        head = TaskHead(model.config.n_embd, 1 if task == "choice" else len(labels), seed=cfg.seed)
+    enc_train = [encode_example(model, task, ex, ids) for ex in train]
+    enc_val = [encode_example(model, task, ex, ids) for ex in val]
+    y_train = np.array([ex["label"] if task == "choice" else index[str(ex["label"])] for ex in train])
+    y_val = np.array([ex["label"] if task == "choice" else index[str(ex["label"])] for ex in val])
+
+    opt = AdamW(model.flat, decay_mask(model.config), weight_decay=cfg.weight_decay)
+    hopt = AdamW(head.flat, head.decay_mask(), weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    history, best, step, epoch = [], None, 0, 0
+    if saved:
+        load_optimizers(out / "resume", {"model.": opt, "head.": hopt}, saved["step"])
+        rng.bit_generator.state = saved["rng"]
+        history, best, step, epoch = saved["history"], saved["best"], saved["step"], saved["epoch"]
+    return _Run(cfg, task, labels, ids, model, head, enc_train, y_train, enc_val, y_val, opt, hopt, rng, history,
+                best, step, epoch, bool(saved))
+
+
+def _share_run(dist, run: _Run | None) -> _Run:
+    """Rank 0's started run on every rank: config, labels, counters and RNG state as JSON, the encoded
+    examples as raw token arrays, then the weights, the head and both optimizers' moments. The other
+    ranks' model has no tokenizer: they never encode or write."""
+    meta = None
+    if dist.root:
+        meta = {"cfg": dataclasses.asdict(run.cfg), "task": run.task, "labels": run.labels, "ids": run.ids,
+                "model": dataclasses.asdict(run.model.config), "dtype": run.model.flat.dtype.str,
+                "n_out": run.head.params["head.weight"].shape[1], "y_train": run.y_train.tolist(),
+                "y_val": run.y_val.tolist(), "t": [run.opt.t, run.hopt.t], "rng": run.rng.bit_generator.state,
+                "history": run.history, "best": run.best, "step": run.step, "epoch": run.epoch,
+                "resumed": run.resumed}
+    meta = dist.share(meta)
+    enc_train = _share_examples(dist, run.enc_train if dist.root else None)
+    enc_val = _share_examples(dist, run.enc_val if dist.root else None)
+    if not dist.root:
+        cfg, mcfg, dtype = FinetuneConfig(**meta["cfg"]), config_from_dict(meta["model"]), np.dtype(meta["dtype"])
+        model = GPT(mcfg, np.empty(num_params(mcfg), dtype))
+        head = TaskHead(mcfg.n_embd, meta["n_out"], dtype=dtype)
+        opt = AdamW(model.flat, decay_mask(mcfg), weight_decay=cfg.weight_decay)
+        hopt = AdamW(head.flat, head.decay_mask(), weight_decay=cfg.weight_decay)
+        opt.t, hopt.t = meta["t"]
+        rng = np.random.default_rng()
+        rng.bit_generator.state = meta["rng"]
+        run = _Run(cfg, meta["task"], meta["labels"], meta["ids"], model, head, enc_train, np.array(meta["y_train"]),
+                   enc_val, np.array(meta["y_val"]), opt, hopt, rng, meta["history"], meta["best"], meta["step"],
+                   meta["epoch"], meta["resumed"])
+    dist.share_arrays(run.model.flat, run.head.flat, run.opt.m, run.opt.v, run.hopt.m, run.hopt.v)
+    return run
+
+
+def _share_examples(dist, enc: list | None) -> list:
+    """Rank 0's encoded examples (per example a list of token sequences: 1, 2 or one per choice) on
+    every rank."""
+    counts = dist.share([len(ex) for ex in enc] if dist.root else None)
+    seqs = dist.share_ragged([s for ex in enc for s in ex] if dist.root else None)
+    if dist.root:
+        return enc
+    ends = np.cumsum(counts)
+    return [seqs[e - n:e] for n, e in zip(counts, ends)]
+
+
+def _train(run: _Run, out: Path, quiet: bool, stream, dist) -> dict:
+    """The epochs, from a started run; under MPI on every rank (rank 0 alone prints and writes)."""
+    cfg, model, head = run.cfg, run.model, run.head
+    steps_per_epoch = math.ceil(len(run.enc_train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_fraction * total))
+    history, best, step = run.history, run.best, run.step
+    if not quiet and dist is not None:
+        print(f"data-parallel: {dist.size} MPI ranks, {cfg.grad_accum // dist.size} of the {cfg.grad_accum} "
+              f"micro-batches of each step each; {dist.describe(model)}", file=stream, flush=True)
+    if run.resumed and not quiet:
+        print(f"resuming after epoch {run.epoch}", file=stream, flush=True)
+    for epoch in range(run.epoch, cfg.epochs):
+        order = run.rng.permutation(len(run.enc_train))
+        losses = []
+        for b0 in range(0, len(run.enc_train), cfg.batch_size):
+            lr = lr_linear(step, cfg.learning_rate, warmup, total)
+            loss, grad, hgrad = _step(run, order[b0:b0 + cfg.batch_size], dist)
+            # one global norm over the model and the head, as one parameter set
+            norm = math.sqrt(float(np.dot(grad, grad)) + float(np.dot(hgrad, hgrad)))
+            require_finite(f"epoch {epoch + 1}, step {step + 1}", loss=loss, gradient_norm=norm,
+                           kept=f"the best checkpoint so far (epoch {best['epoch']}) is kept" if best else
+                           "nothing was saved")
+            scale = min(1.0, cfg.grad_clip / (norm + 1e-6)) if cfg.grad_clip > 0 else 1.0
+            if scale < 1.0:
+                grad *= scale
+                hgrad *= scale
+            run.opt.step(grad, lr)
+            run.hopt.step(hgrad, lr)
+            losses.append(loss)
+            step += 1
+            crash_point("finetune step")
+        acc, f1, _ = evaluate_task(model, head, run.task, run.enc_val, run.y_val, len(run.labels), dist=dist)
+        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_acc": acc, "val_f1": f1}
+        history.append(rec)
+        if not quiet:
+            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}, val acc {acc:.4f}"
+                  + (f", val F1 {f1:.4f}" if f1 is not None else ""), file=stream, flush=True)
+        is_best = best is None or acc > best["val_acc"]
+        best = rec if is_best else best
+        if dist is not None:  # the other ranks wait for rank 0's save, and learn whether it was written
+            dist.check_replicas(np.concatenate([model.flat, head.flat]))
+        with dist.together() if dist is not None else contextlib.nullcontext():
+            if dist is None or dist.root:
+                save_finetuned(out, model, head, run.task, run.labels, run.ids, cfg, history, best=is_best,
+                               resume={"opts": {"model.": run.opt, "head.": run.hopt},
+                                       "state": {"step": step, "epoch": epoch + 1,
+                                                 "rng": run.rng.bit_generator.state, "history": history,
+                                                 "best": best}})
+    return {"epochs": history, "best": best}
+
+
+def _step(run: _Run, idx: np.ndarray, dist) -> tuple[float, np.ndarray, np.ndarray]:
+    """Forward and backward of one step's examples `idx` [n] as grad_accum micro-batches (micro_batches),
+    each weighted by its share of the step's n examples and LM targets, so that the sums are the whole
+    batch's gradients. Every rank draws every micro-batch's dropout from run.rng (to stay in step) and
+    computes only its own. Returns (the step's loss, model gradient [P], head gradient [P_head]): summed
+    over the ranks under MPI."""
+    cfg, model, head, task = run.cfg, run.model, run.head, run.task
+    k = cfg.grad_accum
+    model.zero_grad()
+    head.grad.fill(0)
+    parts = [idx[s] for s in micro_batches(len(idx), k)]
+    arrays = [batch_arrays([s for i in p for s in run.enc_train[i]]) if len(p) else None for p in parts]
+    targets = [0 if a is None else int((a[1] >= 0).sum()) for a in arrays]
+    n_lm = sum(targets)
+    losses = np.zeros((2, k))  # each micro-batch's part of the step's task loss and LM loss; 0 if another rank's
+    for i, (p, a) in enumerate(zip(parts, arrays)):
+        mine = dist is None or dist.owns(i, k)
+        if a is None:  # fewer examples than micro-batches (an epoch's last batch)
+            if mine and dist is not None:
+                dist.idle(model, i, k)
+        elif not mine:
+            _skip_draws(model, a[0].shape, cfg.clf_dropout, run.rng)
+        else:
+            lm_share = targets[i] / n_lm if n_lm else 0.0
+            tl, lm, _ = _forward_backward(model, head, task, a, len(run.enc_train[p[0]]) if task == "choice" else 0,
+                                          run.y_train[p], lm_coef=cfg.lm_coef, train=True, rng=run.rng,
+                                          clf_dropout=cfg.clf_dropout, n_step=len(idx), lm_share=lm_share,
+                                          hooks=dist.hooks(model, i, k) if dist is not None else None)
+            losses[0, i], losses[1, i] = tl * (len(p) / len(idx)), lm * lm_share
+    grad = model.grad if dist is None else dist.reduce(model, losses.reshape(-1))
+    hgrad = head.grad if dist is None else dist.sum_grads(head.grad)
+    tl = lm = 0.0
+    for i in range(k):  # in micro-batch order, as one process adds them
+        tl += float(losses[0, i])
+        lm += float(losses[1, i])
+    return tl + cfg.lm_coef * lm, grad, hgrad
 
 
 def _resume_state(out: Path) -> dict:
@@ -399,14 +583,23 @@ def _resume_state(out: Path) -> dict:
             "labels": conf.get("labels"), "special_tokens": conf.get("special_tokens"), **state}
 
 
-def evaluate_task(model: GPT, head: TaskHead, task: str, enc, y, n_labels: int, batch: int = 32):
-    """(accuracy, F1 of class 1 for binary tasks else None, probs [N, K])."""
+def evaluate_task(model: GPT, head: TaskHead, task: str, enc, y, n_labels: int, batch: int = 32, dist=None):
+    """(accuracy, F1 of class 1 for binary tasks else None, probs [N, K]). Under MPI (`dist`) each rank
+    computes its share of the batches and the probabilities are summed: x + 0 is exact, so every rank
+    gets what one process computes."""
     probs = []
-    for b0 in range(0, len(enc), batch):
-        _, _, p = step_loss(model, head, task, enc[b0:b0 + batch], y[b0:b0 + batch] if y is not None else
-                            np.zeros(len(enc[b0:b0 + batch]), np.int64), lm_coef=0.0, train=False)
+    starts = range(0, len(enc), batch)
+    for j, b0 in enumerate(starts):
+        part = enc[b0:b0 + batch]
+        if dist is not None and not dist.owns(j, len(starts)):
+            probs.append(np.zeros((len(part), n_labels)))
+            continue
+        _, _, p = step_loss(model, head, task, part, y[b0:b0 + batch] if y is not None else
+                            np.zeros(len(part), np.int64), lm_coef=0.0, train=False)
         probs.append(p)
     probs = np.concatenate(probs)
+    if dist is not None:
+        dist.sum_owned(probs)
     if y is None:
         return None, None, probs
     pred = probs.argmax(-1)
