@@ -334,16 +334,15 @@ def finetune(model_dir, task: str, train_file, val_file, out_dir, cfg: FinetuneC
     model and the data files, writes `out_dir` and prints; it shares the encoded examples, weights and
     optimizer state, and the others wait for its saves. The validation batches are shared out too.
     bucket_mb: the all-reduce buckets, as for train."""
-    if resume and force:
-        raise NpgptError("give --resume or --force, not both")
     stream = stream or sys.stderr
     out = Path(out_dir)
     dist = join(bucket_mb)
-    if dist is None:
-        with contextlib.ExitStack() as held:
+    with dist.guard() if dist is not None else contextlib.nullcontext(), contextlib.ExitStack() as held:
+        if resume and force:  # under MPI met by every rank: rank 0 alone reports it
+            raise NpgptError("give --resume or --force, not both")
+        if dist is None:
             return _train(_open(model_dir, task, train_file, val_file, out, cfg, resume, force, held, None),
                           out, quiet, stream, None)
-    with dist.guard(), contextlib.ExitStack() as held:
         with dist.together():
             run = _open(model_dir, task, train_file, val_file, out, cfg, resume, force, held, dist) \
                 if dist.root else None
