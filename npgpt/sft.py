@@ -108,19 +108,19 @@ def sft(model_dir, data_file, out_dir, cfg: SFTConfig | None = None, *, val_file
     if dist is None:
         with contextlib.ExitStack() as held:
             return _train(*_open(model_dir, data_file, val_file, out, cfg, skip_bad, force, quiet, stream, held,
-                                 None), out, quiet, None)
+                                 None), out, quiet, stream, None)
     with dist.guard(), contextlib.ExitStack() as held:
         with dist.together():
             run = _open(model_dir, data_file, val_file, out, cfg, skip_bad, force, quiet, stream, held, dist) \
                 if dist.root else None
-        return _train(*_share_run(dist, run), out, quiet or not dist.root, dist)
+        return _train(*_share_run(dist, run), out, quiet or not dist.root, stream, dist)
 
 
 def _open(model_dir, data_file, val_file, out: Path, cfg: SFTConfig, skip_bad: bool, force: bool, quiet: bool,
           stream, held: contextlib.ExitStack, dist):
     """Claim `out` (until `held` closes; under MPI on rank 0 only, after checking grad_accum against the
     ranks), read and encode the demonstrations: (cfg, model, train seqs, val seqs, rng, facts) with
-    facts {"model_dir", "skipped", "cut", "stream"}."""
+    facts {"model_dir", "skipped", "cut"}."""
     if dist is not None:
         dist.require_split(cfg.grad_accum)
     lock = claim_out(out, "checkpoint", force)
@@ -137,8 +137,7 @@ def _open(model_dir, data_file, val_file, out: Path, cfg: SFTConfig, skip_bad: b
         print(f"npgpt sft: {len(train_seqs)} demonstrations ({len(val_seqs)} held out for validation"
               + (f", {skipped} bad skipped" if skipped else "") + (f", {cut} cut to the context" if cut else "")
               + f"), {cfg.epochs} epochs", file=stream, flush=True)
-    return cfg, model, train_seqs, val_seqs, rng, {"model_dir": str(model_dir), "skipped": skipped, "cut": cut,
-                                                  "stream": stream}
+    return cfg, model, train_seqs, val_seqs, rng, {"model_dir": str(model_dir), "skipped": skipped, "cut": cut}
 
 
 def _share_run(dist, run):
@@ -150,7 +149,7 @@ def _share_run(dist, run):
         cfg, model, train_seqs, val_seqs, rng, facts = run
         meta = {"cfg": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config),
                 "dtype": model.flat.dtype.str, "rng": rng.bit_generator.state, "n_train": len(train_seqs),
-                "facts": {k: v for k, v in facts.items() if k != "stream"}}
+                "facts": facts}
     meta = dist.share(meta)
     both = run[2] + run[3] if dist.root else None  # the train, then the val demonstrations
     ids = dist.share_ragged([t for t, _ in both] if dist.root else None)
@@ -162,14 +161,14 @@ def _share_run(dist, run):
         rng = np.random.default_rng()
         rng.bit_generator.state = meta["rng"]
         run = (SFTConfig(**meta["cfg"]), model, pairs[:meta["n_train"]], pairs[meta["n_train"]:], rng,
-               {**meta["facts"], "stream": None})
+               meta["facts"])
     dist.share_arrays(run[1].flat)
     return run
 
 
-def _train(cfg: SFTConfig, model, train_seqs, val_seqs, rng, facts: dict, out: Path, quiet: bool, dist) -> dict:
+def _train(cfg: SFTConfig, model, train_seqs, val_seqs, rng, facts: dict, out: Path, quiet: bool, stream,
+           dist) -> dict:
     """The epochs, from a started run; under MPI on every rank (rank 0 alone prints and writes)."""
-    stream = facts["stream"]
     opt = AdamW(model.flat, decay_mask(model.config), weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_seqs) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
