@@ -169,8 +169,8 @@ def test_sft_on_two_ranks_is_one_process_bit_for_bit(files, tmp_path):
 
 @needs_mpi
 def test_errors_are_one_line_from_rank_0(files, tmp_path):
-    for command, args in (("finetune", ft_args(files, tmp_path / "ft")),
-                          ("sft", ["--model", files / "base", "--data", files / "demos.jsonl", "--out", tmp_path / "sft"])):
+    sft_args = ["--model", files / "base", "--data", files / "demos.jsonl", "--out", tmp_path / "sft"]
+    for command, args in (("finetune", ft_args(files, tmp_path / "finetune")), ("sft", sft_args)):
         run = launch(2, command, *args, "--grad_accum", 3)
         assert run.returncode == 1 and run.stderr.count("Error:") == 1, run.stderr
         assert "multiple of the 2 ranks" in run.stderr and "Traceback" not in run.stderr
@@ -184,6 +184,8 @@ def test_errors_are_one_line_from_rank_0(files, tmp_path):
     assert run.returncode == 1 and run.stderr.count("Error:") == 1, run.stderr
     assert "grad_accum 1" in run.stderr and "Traceback" not in run.stderr
     assert (tmp_path / "one" / "resume" / "state.json").read_bytes() == before
+    run = launch(2, "finetune", *ft_args(files, tmp_path / "one"), "--resume", "--force")
+    assert run.returncode == 1 and run.stderr.count("Error:") == 1 and "not both" in run.stderr, run.stderr
 
 
 # ---------------------------------------------------------------- without MPI: the normalisation
