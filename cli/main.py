@@ -575,7 +575,13 @@ cli.add_command(serve)
 
 
 def main():
-    cli(prog_name="npgpt")
+    try:
+        cli(prog_name="npgpt")
+    except SystemExit as e:
+        if e.code not in (0, None):  # under an MPI launcher, a rank that fails alone must end the job
+            from npgpt.distributed import end_unjoined
+            end_unjoined(e.code if isinstance(e.code, int) else 1)
+        raise
 
 
 if __name__ == "__main__":

@@ -95,6 +95,20 @@ def join(bucket_mb: float = 4.0) -> DataParallel | None:
     return DataParallel(MPI, bucket_mb)
 
 
+def end_unjoined(code: int):
+    """Called as a process exits with an error: if an MPI launcher started it as one of several ranks
+    and it never joined the job (a bad argument, refused before `join`), join only to abort the whole job.
+    The other ranks would otherwise wait in MPI_Init for it forever: MPICH's launcher does not notice a
+    rank that ends before it connects. Nothing happens without a launcher or once MPI was started."""
+    if launched_size() < 2 or "mpi4py.MPI" in sys.modules:
+        return
+    try:
+        from mpi4py import MPI
+    except ImportError:  # reported already: the launcher cannot be joined from here
+        return
+    MPI.COMM_WORLD.Abort(code)
+
+
 def micro_batches(n: int, k: int) -> list[slice]:
     """A step's n examples as k contiguous micro-batches (micro-batch i: from i * n // k), the same for
     any number of ranks; when n < k (an epoch's last, short batch) some are empty."""

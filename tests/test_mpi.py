@@ -114,6 +114,17 @@ def test_a_dying_rank_ends_the_job_and_the_last_checkpoint_is_intact(shakespeare
 
 
 @needs_mpi
+def test_a_rank_refused_before_joining_ends_the_job(shakespeare_data, tmp_path):
+    """Rank 1's arguments are refused before it starts MPI: rank 0, waiting in MPI_Init for it, must not
+    wait forever (MPICH's launcher alone would let it)."""
+    t0 = time.perf_counter()
+    r = launch(2, "--data", shakespeare_data, "--out", tmp_path / "run", *TINY, "--grad_accum", 2,
+               "--max_iters", 2, extra={1: ["--threads", 0]}, timeout=60)
+    assert r.returncode != 0 and "--threads" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert time.perf_counter() - t0 < 30
+
+
+@needs_mpi
 def test_errors_are_one_line_from_rank_0(shakespeare_data, tmp_path):
     common = ["--data", shakespeare_data, *TINY, "--max_iters", 2]
     r = launch(2, *common, "--out", tmp_path / "odd", "--grad_accum", 3)
