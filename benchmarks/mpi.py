@@ -11,7 +11,10 @@ preset (6/6/384, T 256, B 8) over tiny shakespeare. Three figures:
    are logged) vs 2(N-1)/N x the all-reduced gradient bytes plus the chained sums, and the seconds per
    step a rank waited for the sums (metrics.jsonl comm_wait_s, what --verbose prints).
 
-    python benchmarks/mpi.py [--steps 8] [--smoke]
+    python benchmarks/mpi.py [--steps 8] [--rounds 3] [--smoke]
+
+Each figure's runs are interleaved over --rounds rounds (a fresh process each time) and the medians
+reported: on these VMs one run can be 15% off the next.
 
 Figure 2 needs root (ip netns, tc). It makes its namespaces, veth pair and addresses (10.231.0.1/.2,
 inside the namespaces only) itself, bounds every run by --timeout, and removes them however it ends;
@@ -79,6 +82,17 @@ def run(cmd, out: Path, timeout: float, warm: int, counter=None) -> dict:
     if len(timed) >= 2:
         res["bytes_per_step"] = (samples[timed[-1]] - samples[timed[0]]) / (timed[-1] - timed[0])
     return res
+
+
+def rounds(n: int, figures: dict) -> dict:
+    """Run every figure (a function returning run()'s dict) once per round, in turn, n rounds: per figure,
+    the median of each number over the rounds."""
+    got = {k: [] for k in figures}
+    for _ in range(n):
+        for k, f in figures.items():
+            got[k].append(f())
+    return {k: {m: statistics.median(r[m] for r in rs) for m in rs[0] if all(m in r for r in rs)}
+            for k, rs in got.items()}
 
 
 def _steps(out: Path) -> list[dict]:
@@ -164,6 +178,7 @@ class TwoHosts:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8, help="steps per run (the first 2 are not timed)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     ap.add_argument("--smoke", action="store_true", help="the baby preset, 4 steps: checks the machinery only")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
     args = ap.parse_args()
@@ -179,10 +194,13 @@ def main():
         out = tmp / "run"
         common = lambda *extra: train_args(tmp / "data", out, steps, args.smoke, *extra)  # noqa: E731
 
-        print(f"npgpt train --preset {name}, {steps} steps ({steps - warm} timed, medians); "
+        print(f"npgpt train --preset {name}, {steps} steps ({steps - warm} timed), {args.rounds} interleaved "
+              f"rounds: medians; "
               f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at the start")
-        one = run([*NPGPT, *common("--threads", 2, "--grad_accum", 2)], out, args.timeout, warm)
-        two = run([MPIEXEC, "-n", "2", *NPGPT, *common("--threads", 1, "--grad_accum", 2)], out, args.timeout, warm)
+        one, two = rounds(args.rounds, {
+            "one": lambda: run([*NPGPT, *common("--threads", 2, "--grad_accum", 2)], out, args.timeout, warm),
+            "two": lambda: run([MPIEXEC, "-n", "2", *NPGPT, *common("--threads", 1, "--grad_accum", 2)], out,
+                               args.timeout, warm)}).values()
         print(f"{'1 process x 2 threads, grad_accum 2':<46} {one['tok_s']:9,.0f} tok/s")
         print(f"{'2 ranks x 1 thread (shared memory)':<46} {two['tok_s']:9,.0f} tok/s | "
               f"{two['tok_s'] / one['tok_s']:.2f}x one process (goal >= 1.0x); waited {two['wait_s'] * 1e3:.1f} ms "
@@ -197,12 +215,14 @@ def main():
             print(f"two emulated hosts: blocked here: {e}")
             return
         try:
-            solo = run(["ip", "netns", "exec", hosts.ns[0], *NPGPT, *common("--threads", 1, "--grad_accum", 1)],
-                       out, args.timeout, warm)
-            rows = {}
+            figs = {"solo": lambda: run(["ip", "netns", "exec", hosts.ns[0], *NPGPT,
+                                         *common("--threads", 1, "--grad_accum", 1)], out, args.timeout, warm)}
             for label, bucket in (("overlap, 4 MB buckets", 4), ("no overlap (--bucket-mb 0)", 0)):
-                rows[label] = run(hosts.mpiexec(common("--threads", 1, "--grad_accum", 2, "--bucket-mb", bucket)),
-                                  out, args.timeout, warm, counter=hosts.tx_bytes)
+                figs[label] = lambda b=bucket: run(hosts.mpiexec(common("--threads", 1, "--grad_accum", 2,
+                                                                        "--bucket-mb", b)),
+                                                   out, args.timeout, warm, counter=hosts.tx_bytes)
+            rows = rounds(args.rounds, figs)
+            solo = rows.pop("solo")
         finally:
             hosts.__exit__()
         reduced, chain = gradient_bytes(out)
@@ -211,7 +231,7 @@ def main():
         print(f"{'  1 rank alone (grad_accum 1)':<46} {solo['tok_s']:9,.0f} tok/s")
         for label, r in rows.items():
             print(f"{'  2 ranks, ' + label:<46} {r['tok_s']:9,.0f} tok/s | scaling efficiency "
-                  f"{r['tok_s'] / (2 * solo['tok_s']):.0%} (goal >= 80% with overlap); waited "
+                  f"{r['tok_s'] / (2 * solo['tok_s']):.1%} (goal >= 80% with overlap); waited "
                   f"{r['wait_s'] * 1e3:.1f} ms per step for the sums")
         for label, r in rows.items():
             if "bytes_per_step" in r:
