@@ -50,16 +50,16 @@ def test_chinchilla_fit_finds_the_law_exactly_on_a_noiseless_surface():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_chinchilla_fit_recovers_the_exponents_from_noisy_runs(seed):
-    """1% noise on 99 runs over 8 decades of compute: alpha and beta within 0.01. E is the hardest to pin
-    down: with Chinchilla's Huber (delta 1e-3, which under Gaussian noise is nearly an L1 fit) its error
-    was within 0.01 in 9 of 16 seeds, median 0.009, at most 0.021; the optimiser itself is not the limit
-    (its minimum was below the true law's objective in all 16)."""
-    runs = surface(seed)
+def test_chinchilla_fit_recovers_the_law_from_noisy_runs(seed):
+    """1% noise on 399 runs (19 budgets x 21 sizes over 8 decades of compute; Chinchilla fitted about 400):
+    alpha, beta and E within 0.01. E is the one that needs the runs: it was within 0.01 in 16 of 16 seeds
+    here (at most 0.0087), but in only 9 of 16 with 99 runs (median error 0.009, at most 0.021), a
+    statistical limit, not the optimiser's (its minimum was below the true law's objective in all 16)."""
+    runs = surface(seed, budgets=np.logspace(15, 23, 19), sizes=21)
     N, D, L = (np.array([r[k] for r in runs]) for k in ("params", "tokens", "loss"))
     p = fit_chinchilla(N, D, L)
-    assert abs(p["alpha"] - CHINCHILLA["alpha"]) < 0.01 and abs(p["beta"] - CHINCHILLA["beta"]) < 0.01, p
-    assert abs(p["E"] - CHINCHILLA["E"]) < 0.03, p
+    for name in ("alpha", "beta", "E"):
+        assert abs(p[name] - CHINCHILLA[name]) < 0.01, (name, p)
     t = lambda q: [np.log(q["A"]), np.log(q["B"]), np.log(q["E"]), q["alpha"], q["beta"]]  # noqa: E731
     lnN, lnD, lnL = np.log(N), np.log(D), np.log(L)
     assert _chinchilla_objective(t(p), lnN, lnD, lnL, 1e-3)[0] <= _chinchilla_objective(t(CHINCHILLA), lnN, lnD, lnL, 1e-3)[0]
