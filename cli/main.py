@@ -145,17 +145,11 @@ def train(ctx, data, out, preset, config_file, init, resume, force, quiet, verbo
     Open MPI needs --allow-run-as-root as root, and --oversubscribe for more ranks than cores."""
     import npgpt
     from npgpt.config import parse_overrides
-    from npgpt.distributed import launched_rank
-    from npgpt.errors import NpgptError
     overrides = parse_overrides(ctx.args)
-    try:
-        model = npgpt.train(data, out, preset=preset, config_file=config_file, overrides=overrides, init=init,
-                            resume=resume, force=force, quiet=quiet, verbose=verbose, bucket_mb=bucket_mb)
-    except NpgptError as e:
-        if getattr(e, "rank", 0):  # under MPI every rank met it: rank 0 reports it
-            sys.exit(1)
-        raise
-    if not quiet and not launched_rank():
+    model = _on_rank_0(lambda: npgpt.train(data, out, preset=preset, config_file=config_file, overrides=overrides,
+                                           init=init, resume=resume, force=force, quiet=quiet, verbose=verbose,
+                                           bucket_mb=bucket_mb))
+    if not quiet and model is not None:
         click.echo(f"saved {out} ({model.num_params:,} parameters)", err=True)
 
 
