@@ -217,10 +217,13 @@ class DataParallel:
         for a in arrays:
             self.comm.Bcast(a, root=0)
 
-    def sum_owned(self, values: np.ndarray):
-        """values [n] float64, in place: the entries of all ranks, each set by one rank and 0 elsewhere
-        (x + 0 is exact: every rank gets the owners' values bit for bit)."""
+    def sum_owned(self, values: np.ndarray) -> np.ndarray:
+        """values (any shape), summed over the ranks in place and returned: entries that each rank sets
+        alone and leaves 0 elsewhere (x + 0 is exact: every rank gets the owners' values bit for bit), or
+        small gradients outside the flat buffer, such as a task head's (with two ranks a sum of two is
+        exact: one process's accumulation bit for bit)."""
         self.comm.Allreduce(self.MPI.IN_PLACE, values, op=self.MPI.SUM)
+        return values
 
     def share_ragged(self, rows=None) -> list[list[int]]:
         """Rank 0's `rows` (lists of ints of any lengths: token sequences, masks) on every rank: the
@@ -232,13 +235,6 @@ class DataParallel:
         self.comm.Bcast(flat, root=0)
         ends = np.cumsum(lengths)
         return [flat[e - n:e].tolist() for n, e in zip(lengths, ends)]
-
-    def sum_grads(self, grad: np.ndarray) -> np.ndarray:
-        """grad (any shape; each rank's sum over its own micro-batches), summed over the ranks in place
-        and returned: for small buffers outside the model's flat one (a task head's). With two ranks a
-        sum of two is exact: one process's accumulation bit for bit."""
-        self.comm.Allreduce(self.MPI.IN_PLACE, grad, op=self.MPI.SUM)
-        return grad
 
     def require_split(self, grad_accum: int, why: str = ""):
         """Raise unless the grad_accum micro-batches of a step can be shared out evenly among the ranks."""

@@ -555,7 +555,7 @@ def _step(run: _Run, idx: np.ndarray, dist) -> tuple[float, np.ndarray, np.ndarr
                                           hooks=dist.hooks(model, i, k) if dist is not None else None)
             losses[0, i], losses[1, i] = tl * (len(p) / len(idx)), lm * lm_share
     grad = model.grad if dist is None else dist.reduce(model, losses.reshape(-1))
-    hgrad = head.grad if dist is None else dist.sum_grads(head.grad)
+    hgrad = head.grad if dist is None else dist.sum_owned(head.grad)
     tl = lm = 0.0
     for i in range(k):  # in micro-batch order, as one process adds them
         tl += float(losses[0, i])
