@@ -743,3 +743,5 @@ def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, *, api_key: str 
     server.run(sockets=[sock])
     if state.error:
         raise NpgptError(state.error)
+    if server.should_exit:  # stopped by Ctrl-C: uvicorn re-raises it, but asyncio.run can swallow that (a race)
+        raise KeyboardInterrupt
