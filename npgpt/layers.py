@@ -15,7 +15,6 @@ The two paths are tested against each other.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -259,42 +258,12 @@ def _attention_tiles(q, k, kstart, scale, q_offset, kernel, window=0):
                 lo = max(0, q_offset + t0 - window + 1) if window else 0
                 s = q[b, h, t0:t1] @ k[b, h, lo:q_offset + t1].T
                 ks = np.maximum(kstart[b:b + 1] - lo, 0)  # padding, in the tile's key columns
-                if kernel and ks[0] == 0:
-                    yield b, h, t0, t1, lo, _tile_softmax(s, scale, window)
-                    continue
                 if kernel:
-                    s = np.ascontiguousarray(s)[None, None]
+                    s = s[None, None]
                     K.causal_softmax_fwd(s, scale, q_offset + t0 - lo, ks, window)
                 else:
                     s = causal_softmax(s[None, None] * scale, q_offset + t0 - lo, ks, window)
                 yield b, h, t0, t1, lo, s[0, 0]
-
-
-@functools.lru_cache(maxsize=8)
-def _above_diagonal(rows):
-    """[rows, rows] bool, True where key c > query i."""
-    return np.triu(np.ones((rows, rows), bool), 1)
-
-
-@functools.lru_cache(maxsize=8)
-def _outside_band(rows, n, window):
-    """[rows, n] bool, True where key c is outside query i's band: after it (c > n - rows + i) or older
-    than its window (c < n - rows + i - window + 1)."""
-    c, i = np.arange(n)[None, :], (n - rows) + np.arange(rows)[:, None]
-    return (c > i) | (c < i - window + 1)
-
-
-def _tile_softmax(s, scale, window=0):
-    """In place: scores s [rows, n] of the last `rows` queries before key n -> causal probabilities (query
-    i sees keys j <= n - rows + i, and within its band when window > 0). NumPy's SIMD exp is ~5x
-    faster than the kernel's scalar one, which made softmax 40% of tiled attention."""
-    rows, n = s.shape
-    s *= scale
-    if window:
-        np.copyto(s, -np.inf, where=_outside_band(rows, n, window))  # copyto: 3x faster than s[mask] = ...
-    else:
-        s[:, n - rows:][_above_diagonal(rows)] = -np.inf
-    return _softmax_inplace(s)
 
 
 def _softmax_inplace(s):

@@ -91,6 +91,23 @@ def test_gelu_float32_rational_tanh_is_accurate():
     np.testing.assert_array_equal(L.gelu_backward(np.ones_like(big), big), [0, 0, 1, 1])
 
 
+def test_float32_softmax_exp_and_row_max():
+    """The float32 softmax kernels' vectorisable pieces: the polynomial exp against float64 exp over
+    [-87, 0], and the row max through order-preserving int32 keys against NumPy's (signs, -0.0, ties)."""
+    import numba as nb
+    from npgpt import kernels as K
+    x = np.concatenate([np.linspace(-87, 0, 20_001), [-0.0, -1e-30, -1e-7, -0.5 * math.log(2), -86.99]])
+    got = np.array([K._exp_nonpos_f32(np.float32(v)) for v in x], np.float64)
+    ref = np.exp(x.astype(np.float32).astype(np.float64))
+    assert np.max(np.abs(got - ref) / ref) < 2.5e-7
+    row_max = nb.njit(lambda r: K._row_max(r))
+    rng = np.random.default_rng(1)
+    for row in ([-3.5, -0.0, -7.25], [-0.0, 0.0], [-1e-30, -2.0], [5.0], [2.0, 7.0, 7.0, -7.0],
+                rng.standard_normal(1_001) * 1e3, -np.abs(rng.standard_normal(77))):
+        r = np.asarray(row, np.float32)
+        assert row_max(r) == r.max()
+
+
 def test_embedding_backward(rng):
     idx = rng.integers(0, 5, (2, 4))
     wte, wpe = rng.standard_normal((5, 3)), rng.standard_normal((6, 3))
