@@ -231,7 +231,7 @@ class GPT:
             raise NpgptError("left padding (pad) is for inference only: not with activations kept for a backward")
         run = {"kv": kv, "pos0": kv.length if kv is not None else 0, "pad": kv.pad if kv is not None else pad,
                "rng": acts["rng"] if acts is not None else None,
-               "save": acts is not None}  # training: Numba kernels that keep what backward needs; else NumPy
+               "save": acts is not None}  # keep what backward needs (see layers.py for which path runs)
         x = embedding_forward(idx, p["wte.weight"], p["wpe.weight"], run["pos0"], run["pad"])
         x, emb_mask = dropout_forward(x, cfg.dropout, run["rng"])
         for l in range(cfg.n_layer):

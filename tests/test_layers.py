@@ -231,6 +231,27 @@ def test_numpy_inference_path_matches_numba_training_path(rng, dtype):
         assert c.dtype == dtype and rel_err(c, a) < tol and np.isfinite(c).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inference_over_many_rows_runs_the_kernels_and_keeps_nothing(rng, monkeypatch, dtype):
+    """From KERNEL_ROWS rows on (a long prompt), inference takes the kernels: same outputs, no cache."""
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    x = rng.standard_normal((2, 5, 8)).astype(dtype)
+    w, b = rng.standard_normal(8).astype(dtype), rng.standard_normal(8).astype(dtype)
+    q, k, v = (rng.standard_normal((3, 2, 6, 4)).astype(dtype) for _ in range(3))
+    pad = np.array([0, 2, 5])
+    small = (L.layernorm_forward(x, w, b, 1e-5, save=False), L.gelu_forward(x * 4, save=False),
+             L.attention_forward(q, k, v, pad=pad, save=False))
+    monkeypatch.setattr(L, "KERNEL_ROWS", 4)  # now 10 rows of x and 18 of q are "many"
+    kernel, calls = L.K.causal_softmax_fwd, []
+    monkeypatch.setattr(L.K, "causal_softmax_fwd", lambda *a: calls.append(a) or kernel(*a))
+    big = (L.layernorm_forward(x, w, b, 1e-5, save=False), L.gelu_forward(x * 4, save=False),
+           L.attention_forward(q, k, v, pad=pad, save=False))
+    assert calls, "the attention softmax did not run the kernel"
+    for (s, s_cache), (g, g_cache) in ((small[0], big[0]), (small[2], big[2])):
+        assert s_cache is None and g_cache is None and g.dtype == dtype and rel_err(g, s) < tol
+    assert rel_err(big[1], small[1]) < max(tol, 1e-7)
+
+
 @pytest.mark.parametrize("save", [True, False])
 def test_tiled_attention_matches_materialised(rng, monkeypatch, save):
     """Long contexts run in tiles (memory linear in T); the result and gradients must not change."""
