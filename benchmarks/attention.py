@@ -21,6 +21,7 @@ import tracemalloc
 import numpy as np
 
 import npgpt
+from npgpt.threads import thread_info
 from npgpt import layers as L
 
 
@@ -100,7 +101,8 @@ def main():
     except ImportError:
         sides, note = ["npgpt"], "torch not installed: no ratio"
     print(f"threads {args.threads} each side (set after every import); a fresh process per side, {args.rounds} "
-          f"alternating rounds, medians; {note}", flush=True)
+          f"alternating rounds, medians; OpenBLAS {thread_info()['blas_kernels']} kernels; {note}",
+          flush=True)
     figures = [(T, 0) for T in (256, 1024, 2048)] + [(2048, 256), (2048, 128)]
     got = {}
     for _ in range(args.rounds):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import npgpt
+from npgpt.threads import thread_info
 from npgpt.checkpoint import save_checkpoint
 from npgpt.config import preset
 from npgpt.model import GPT, KVCache
@@ -184,7 +185,8 @@ def main():
     def ratio(a, b):
         return f"{a / b:.2f}x" if b else "n/a (transformers not installed)"
 
-    print(f"GPT-2 124M fp32, batch 1, {args.threads} threads; weights {weight_bytes / 1e6:.0f} MB + KV cache "
+    print(f"GPT-2 124M fp32, batch 1, {args.threads} threads (OpenBLAS {thread_info()['blas_kernels']} "
+          f"kernels); weights {weight_bytes / 1e6:.0f} MB + KV cache "
           f"{kv_bytes / 1e6:.0f} MB read per token; stream bandwidth {bw / 1e9:.1f} GB/s -> bound {bound:.1f} tok/s "
           f"(weights alone: {bw / weight_bytes:.1f})")
     print(f"{'prefill (' + str(args.prompt) + ' tokens)':<28} npgpt {pre:8.1f} tok/s | transformers "

@@ -27,6 +27,7 @@ from npgpt.config import GPTConfig  # noqa: E402
 from npgpt.model import GPT  # noqa: E402
 from npgpt.optim import AdamW  # noqa: E402
 from npgpt.params import decay_mask  # noqa: E402
+from npgpt.threads import thread_info  # noqa: E402
 
 TRAIN_CONFIGS = {  # (GPTConfig kwargs, batch size, timed steps); vocab 65 = tiny shakespeare, char-level
     "baby": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64), 12, 30),
@@ -135,8 +136,11 @@ def main():
         from torch_peer import PeerGPT  # noqa: F401
     except ImportError:
         torch = None
-    print(f"npgpt {npgpt.__version__}, numpy {np.__version__}, threads {args.threads}"
-          + (f", torch {torch.__version__}" if torch else ", torch not installed: no peer"), flush=True)
+    print(f"npgpt {npgpt.__version__}, numpy {np.__version__} (OpenBLAS {thread_info()['blas_kernels']} "
+          f"kernels), threads {args.threads}"
+          + (f", torch {torch.__version__} ({'MKL' if torch.backends.mkl.is_available() else 'its own BLAS'}, "
+             f"{torch.backends.cpu.get_cpu_capability()} kernels)" if torch else ", torch not installed: no peer"),
+          flush=True)
     for name, (kw, B, steps) in TRAIN_CONFIGS.items():
         if name not in which:
             continue

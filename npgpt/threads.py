@@ -43,11 +43,13 @@ def _openblas():
                 lib = ctypes.CDLL(path)
             except OSError:
                 continue
-            for get, set_ in (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-                              ("openblas_get_num_threads", "openblas_set_num_threads"),
-                              ("openblas_get_num_threads64_", "openblas_set_num_threads64_")):
+            for pre, suf in (("scipy_openblas", "64_"), ("openblas", ""), ("openblas", "64_")):
+                get, set_, core = (f"{pre}_{f}{suf}" for f in ("get_num_threads", "set_num_threads", "get_corename"))
                 if hasattr(lib, get) and hasattr(lib, set_):
-                    _blas = (getattr(lib, get), getattr(lib, set_))
+                    corename = getattr(lib, core, None)
+                    if corename is not None:
+                        corename.restype = ctypes.c_char_p
+                    _blas = (getattr(lib, get), getattr(lib, set_), corename)
                     break
             if _blas:
                 break
@@ -172,8 +174,9 @@ def env_threads() -> int | None:
 
 
 def thread_info() -> dict:
-    """{"blas": BLAS threads (None if unknown), "numba": threads of the parallel (int8) kernels; the
-    training kernels use one, "cores": cpu count}."""
+    """{"blas": BLAS threads (None if unknown), "blas_kernels": the CPU OpenBLAS's kernels were written for
+    (None if unknown), "numba": threads of the parallel (int8) kernels; the training kernels use one,
+    "cores": cpu count}."""
     import numpy  # noqa: F401
     blas = _openblas()
     if "numba" in sys.modules:
@@ -182,4 +185,6 @@ def thread_info() -> dict:
     else:  # what kernels.py will set once Numba is imported
         pool = int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count() or 1))
         nthreads = min(_current, pool) if _current else pool
-    return {"blas": int(blas[0]()) if blas else None, "numba": nthreads, "cores": os.cpu_count()}
+    kernels = blas[2]().decode() if blas and blas[2] is not None else None
+    return {"blas": int(blas[0]()) if blas else None, "blas_kernels": kernels, "numba": nthreads,
+            "cores": os.cpu_count()}

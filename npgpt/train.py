@@ -206,7 +206,8 @@ def _train(data: TokenData, out: Path, mcfg, tcfg, init, resume: bool, model: GP
     if not quiet:
         print(f"npgpt train: {model.num_params:,} parameters, {mcfg.n_layer} layers x {mcfg.n_embd} wide, "
               f"context {T}; batch {B} x {k} micro-batches; threads: BLAS {th['blas']}, Numba kernels 1 "
-              f"({th['cores']} cores)", file=stream)
+              f"({th['cores']} cores" + (f"; OpenBLAS {th['blas_kernels']} kernels)" if th["blas_kernels"] else ")"),
+              file=stream)
         if dist is not None:
             print(f"data-parallel: {dist.size} MPI ranks, {k // dist.size} of the {k} micro-batches each; "
                   f"{dist.describe(model)}", file=stream)

@@ -1,6 +1,7 @@
 """The default thread policy shares the cores among the npgpt processes running on them, and follows
 them as they start and end; explicit threads leave it. Each process runs in a subprocess with its own
 registry dir (XDG_RUNTIME_DIR), so the test process's threads are never touched."""
+import json
 import os
 import subprocess
 import sys
@@ -31,7 +32,6 @@ def env(tmp_path):
 
 
 def probe(tmp_path, *args) -> dict:
-    import json
     out = subprocess.run([sys.executable, "-c", PROBE, *args], env=env(tmp_path), capture_output=True, text=True,
                          check=True, timeout=60)
     return json.loads(out.stdout)
@@ -99,3 +99,19 @@ def test_a_stale_entry_is_removed_and_an_unwritable_registry_means_every_core(tm
     e["XDG_RUNTIME_DIR"] = str(tmp_path / "file")  # not a dir: the registry cannot exist
     out = subprocess.run([sys.executable, "-c", PROBE], env=e, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and f'"blas": {CORES}' in out.stdout
+
+
+def test_thread_info_names_the_kernels_openblas_loaded(tmp_path):
+    """What `npgpt train` prints and the benchmarks record: the CPU OpenBLAS's kernels were written for,
+    which $OPENBLAS_CORETYPE chooses when it is set (this workplace pins Haswell; a user's NumPy picks)."""
+    e = env(tmp_path)
+    e["OPENBLAS_CORETYPE"] = "Haswell"
+    out = subprocess.run([sys.executable, "-c", "import json; from npgpt.threads import thread_info; "
+                          "print(json.dumps(thread_info()))"], env=e, capture_output=True, text=True, check=True,
+                         timeout=60)
+    kernels = json.loads(out.stdout)["blas_kernels"]
+    if kernels is None:
+        pytest.skip("this OpenBLAS does not name its kernels")
+    with open("/proc/cpuinfo") as f:
+        avx2 = "avx2" in f.read()
+    assert kernels == "Haswell" or not avx2
