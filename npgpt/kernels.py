@@ -467,41 +467,111 @@ def _attend_one(qkv, K, V, t, kstart, n_head, window, y):
                 y[b, h * D + d] = acc[d] / total
 
 
+# A block's matrices reach the fused decode as tuples in one of three forms, told apart when it compiles:
+# (W,) float [in, out] (a small float model, HF's layout; one thread, _linear_rows), (q, s) int8
+# [out, in] with a float32 scale per output, or (h,) float16 bits [out, in] (npgpt quantize): the
+# quantized forms stream their rows on the parallel kernels below.
+def _linear_into(x, w, b, out):
+    """out [N, O] = x [N, I] @ w + b [O] for a weight form above (compiled only: see the overload)."""
+    raise NotImplementedError
+
+
+@overload(_linear_into)
+def _linear_into_typed(x, w, b, out):
+    if len(w.types) == 2:
+        def int8_rows(x, w, b, out):
+            int8_matmul_rows(x, w[0], w[1], out)
+            out += b
+        return int8_rows
+    if w.types[0].dtype == nb.types.uint16:
+        def half_rows(x, w, b, out):
+            half_matmul_rows(x, w[0], out)
+            out += b
+        return half_rows
+    return lambda x, w, b, out: _linear_rows(x, w[0], b, out)
+
+
+def _out_features(w):
+    raise NotImplementedError
+
+
+@overload(_out_features)
+def _out_features_typed(w):
+    if len(w.types) == 2 or w.types[0].dtype == nb.types.uint16:
+        return lambda w: w[0].shape[0]
+    return lambda w: w[0].shape[1]
+
+
+def _gelu_inplace(f):
+    raise NotImplementedError
+
+
+@overload(_gelu_inplace)
+def _gelu_inplace_typed(f):
+    """tanh GELU over f [N, O] in place: the vectorised float32 kernel (libm's scalar tanh cost GPT-2 0.3 ms
+    a token), or libm's in float64 (the tests hold the fused decode to 1e-12 there)."""
+    if f.dtype == nb.types.float32:
+        return lambda f: gelu_fwd_f32(f.reshape(-1), f.reshape(-1))
+
+    def exact(f):
+        for n in range(f.shape[0]):
+            for i in range(f.shape[1]):
+                u = f[n, i]
+                f[n, i] = 0.5 * u * (1.0 + math.tanh(GELU_C * (u + 0.044715 * u * u * u)))
+    return exact
+
+
 @nb.njit(**_rjit)
 def decode_layer(x, ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, fcp_w, fcp_b,
                  K, V, t, kstart, eps, n_head, window):
     """One pre-LN block for one new token per row, in place: x [B, C] += attn(ln_1(x)), then
-    x += mlp(ln_2(x)). The token's key and value go to position t of the layer's cache K, V [B, H, room, D];
-    row b attends to positions kstart[b] .. t, the last `window` of them in a banded layer."""
+    x += mlp(ln_2(x)); matrices in a weight form above. The token's key and value go to position t of
+    the layer's cache K, V [B, H, room, D]; row b attends to positions kstart[b] .. t, the last `window`
+    of them in a banded layer."""
     B, C = x.shape
     h = np.empty_like(x)
     qkv = np.empty((B, 3 * C), x.dtype)
     y = np.empty_like(x)
     o = np.empty_like(x)
-    f = np.empty((B, fc_w.shape[1]), x.dtype)
+    f = np.empty((B, _out_features(fc_w)), x.dtype)
     _layernorm_rows(x, ln1_w, ln1_b, eps, h)
-    _linear_rows(h, attn_w, attn_b, qkv)
+    _linear_into(h, attn_w, attn_b, qkv)
     _attend_one(qkv, K, V, t, kstart, n_head, window, y)
-    _linear_rows(y, proj_w, proj_b, o)
+    _linear_into(y, proj_w, proj_b, o)
     x += o
     _layernorm_rows(x, ln2_w, ln2_b, eps, h)
-    _linear_rows(h, fc_w, fc_b, f)
-    for n in range(B):
-        for i in range(f.shape[1]):
-            u = f[n, i]
-            f[n, i] = 0.5 * u * (1.0 + math.tanh(GELU_C * (u + 0.044715 * u * u * u)))
-    _linear_rows(f, fcp_w, fcp_b, o)
+    _linear_into(h, fc_w, fc_b, f)
+    _gelu_inplace(f)
+    _linear_into(f, fcp_w, fcp_b, o)
     x += o
+
+
+def _head_into(x, wte, out):
+    raise NotImplementedError
+
+
+@overload(_head_into)
+def _head_into_typed(x, wte, out):
+    """out [N, V] = x [N, C] @ wte^T for wte [V, C] in a weight form above (the tied head)."""
+    if len(wte.types) == 2:
+        return lambda x, wte, out: int8_matmul_rows(x, wte[0], wte[1], out)
+    if wte.types[0].dtype == nb.types.uint16:
+        return lambda x, wte, out: half_matmul_rows(x, wte[0], out)
+
+    def dots(x, wte, out):
+        w = wte[0]
+        for v in range(w.shape[0]):
+            for n in range(x.shape[0]):
+                out[n, v] = _dot(x[n], w[v])
+    return dots
 
 
 @nb.njit(**_rjit)
 def decode_head(x, w, b, eps, wte, out):
     """out [N, V] = layernorm(x [N, C]) @ wte [V, C]^T: ln_f and the tied LM head of a decode step
-    (x is overwritten with its layernorm)."""
+    (x is overwritten with its layernorm; wte in a weight form above)."""
     _layernorm_rows(x, w, b, eps, x)
-    for v in range(wte.shape[0]):
-        for n in range(x.shape[0]):
-            out[n, v] = _dot(x[n], wte[v])
+    _head_into(x, wte, out)
 
 
 # ---------------------------------------------------------------- float16 weights (npgpt quantize --format fp16)
@@ -534,11 +604,18 @@ def _half_dots(x, h, v0, v1, out):
 
 
 @nb.njit(**_pjit)
-def half_matmul_rows(x, h, out, T):
-    """out [N, V] = x [N, C] @ float32(h [V, C])^T (h: float16 bits as uint16), h's rows split among T
-    threads. |x| must stay below 2^16 (the caller checks): x is scaled by 2^112 first."""
-    x = x * HALF_SCALE
-    V = h.shape[0]
+def half_matmul_rows(x, h, out):
+    """out [N, V] = x [N, C] @ float32(h [V, C])^T (h: float16 bits as uint16), h's rows in 32 parts
+    shared among the threads. x is scaled by 2^112 first (see above), or by 2^(112 - e) with the sums
+    times 2^e when |x| reaches 2^(15 + e): x 2^112 would overflow float32 from |x| = 2^16 on."""
+    top = np.abs(x).max()
+    e = 0
+    while top >= np.float32(2.0 ** 15) * np.float32(2.0) ** e and e < 100:  # e < 100: inf and NaN stop too
+        e += 1
+    x = x * (HALF_SCALE / np.float32(2.0) ** e)
+    V, T = h.shape[0], 32  # parts, not threads: nb.get_num_threads() in compiled code blocks caching
     chunk = (V + T - 1) // T
     for t in nb.prange(T):
         _half_dots(x, h, t * chunk, min(V, (t + 1) * chunk), out)
+    if e:
+        out *= np.float32(2.0) ** e

@@ -18,6 +18,7 @@ from .malloc import keep_freed_memory
 from .params import init_params, make_views, num_params, param_shapes
 
 
+_BLOCK_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 FUSED_DECODE_MAX = 1 << 20  # weights per block (4 MB in float32) up to which decoding runs fused kernels
 
 
@@ -103,11 +104,24 @@ class GPT:
 
     @property
     def fused_decode(self) -> bool:
-        """Whether decoding one token per row runs the fused kernels (_decode): pre-LN float weights of
-        at most FUSED_DECODE_MAX per block. Larger blocks keep BLAS, whose two threads then win (equal at
-        GPT-2 124M), and inference without Numba (0.5 s of start-up and ~110 MB)."""
+        """Whether decoding one token per row runs the fused kernels (_decode), for pre-LN models: float
+        weights of at most FUSED_DECODE_MAX per block (larger float blocks keep BLAS, whose two threads
+        then win, equal at GPT-2 124M, and inference without Numba: 0.5 s of start-up and ~110 MB), or
+        quantized weights stored (out, in) at any size, which import Numba anyway: one kernel per block
+        saves the ~20 NumPy calls around its four products (GPT-2 int8: 1.4 ms of a 4 ms token)."""
         cfg = self.config
-        return cfg.ln == "pre" and not self.quantized and 12 * cfg.n_embd ** 2 <= FUSED_DECODE_MAX
+        if cfg.ln != "pre":
+            return False
+        if self.quantized:  # asked once per token: remembered per params dict
+            if getattr(self, "_rows_layout", (None,))[0] is not self.params:
+                self._rows_layout = (self.params, all(w.decode_form() is not None for w in self._matrices()))
+            return self._rows_layout[1]
+        return 12 * cfg.n_embd ** 2 <= FUSED_DECODE_MAX
+
+    def _matrices(self):
+        """The matrices a decode step reads: each block's four, and wte (the tied head)."""
+        return [self.params[f"h.{l}.{n}"] for l in range(self.config.n_layer) for n in _BLOCK_MATRICES] + [
+            self.params["wte.weight"].T]
 
     @property
     def quantized(self) -> bool:
@@ -251,10 +265,11 @@ class GPT:
         return x
 
     def _decode(self, idx, kv: KVCache):
-        """forward for one new token per row with a cache, for a small pre-LN model: idx [B, 1] -> logits
-        [B, 1, V]. The same math with each block fused into one kernel (kernels.decode_layer) and ln_f
-        with the tied head in another (decode_head): the ~40 NumPy calls per layer cost more than their
-        arithmetic at this size. Tests hold it equal to _body + _head."""
+        """forward for one new token per row with a cache (see fused_decode for which models): idx [B, 1]
+        -> logits [B, 1, V]. The same math with each block fused into one kernel (kernels.decode_layer)
+        and ln_f with the tied head in another (decode_head): the ~40 NumPy calls per layer cost more
+        than their arithmetic in a small model, and a third of a quantized GPT-2's token. Tests hold it
+        equal to _body + _head."""
         from . import kernels as K
         cfg, p = self.config, self.params
         kv.to(p["wte.weight"].dtype)
@@ -266,14 +281,15 @@ class GPT:
         for l, weights in enumerate(blocks):
             K.decode_layer(x, *weights, kv.k[l], kv.v[l], t, kstart, cfg.layer_norm_eps, cfg.n_head, cfg.window(l))
         kv.length += 1
-        logits = np.empty((len(x), wte.shape[0]), x.dtype)
+        logits = np.empty((len(x), cfg.vocab_size), x.dtype)
         K.decode_head(x, *ln_f, cfg.layer_norm_eps, wte, logits)
         return logits[:, None]
 
     def _fused_weights(self):
         """(each block's 12 tensors in decode_layer's order, (ln_f weight, bias), wte), as plain ndarrays
         (Numba types an ndarray subclass such as a memmap on a slow path: ~10 us per argument per call),
-        with zero biases for bias=False. Built once per params dict."""
+        matrices as the tuples of kernels.decode_layer's weight forms, with zero biases for bias=False.
+        Built once per params dict."""
         if getattr(self, "_fused", (None,))[0] is not self.params:
             names = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
                      "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
@@ -281,11 +297,15 @@ class GPT:
             p = self.params
 
             def tensor(name):
+                if name.split(".", 2)[-1] in _BLOCK_MATRICES:
+                    return p[name].decode_form() if self.quantized else (np.asarray(p[name]),)
                 if name in p:
                     return np.asarray(p[name])
-                return np.zeros(p[name.replace(".bias", ".weight")].shape[-1], p["wte.weight"].dtype)
+                return np.zeros(p[name.replace(".bias", ".weight")].shape[-1], np.float32 if self.quantized
+                                else p["wte.weight"].dtype)
             blocks = [tuple(tensor(f"h.{l}.{n}") for n in names) for l in range(self.config.n_layer)]
-            self._fused = (p, blocks, (tensor("ln_f.weight"), tensor("ln_f.bias")), np.asarray(p["wte.weight"]))
+            wte = p["wte.weight"].T.decode_form() if self.quantized else (np.asarray(p["wte.weight"]),)
+            self._fused = (p, blocks, (tensor("ln_f.weight"), tensor("ln_f.bias")), wte)
         return self._fused[1:]
 
     # ------------------------------------------------------------------ the block, as two residual lines

@@ -61,6 +61,13 @@ class Int8Weight:
         w = self.q.astype(np.float32) * s
         return w.T if self.transposed else w
 
+    def decode_form(self):
+        """The tuple the fused decode kernels take (kernels.decode_layer's weight forms) for this matrix
+        used as x @ w: (q, s) when stored (out, in) with a scale per row; None for the (in, out) layout of
+        int8-per-channel checkpoints, which keep the layer-by-layer decode. Plain ndarrays: Numba types a
+        memmap on a slow path. The tied head is wte.T.decode_form()."""
+        return (np.asarray(self.q), np.asarray(self.scale)) if self.axis == 0 and self.transposed else None
+
     def __getitem__(self, idx):
         """Rows of the (untransposed) embedding: w[idx] -> float32 [..., C]."""
         if self.axis != 0 or self.transposed:
@@ -128,6 +135,10 @@ class HalfWeight(Int8Weight):
         w = self.h.astype(np.float32)
         return w.T if self.transposed else w
 
+    def decode_form(self):
+        """(float16 bits as uint16,) when stored (out, in); see Int8Weight.decode_form."""
+        return (np.asarray(self.h).view(np.uint16),) if self.transposed else None
+
     def __getitem__(self, idx):
         if self.transposed:
             raise TypeError("row lookup is only defined for the untransposed embedding")
@@ -138,12 +149,11 @@ class HalfWeight(Int8Weight):
         from . import kernels as K
         x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
         bits = self.h.view(np.uint16)
-        # the kernel scales x by 2^112 (kernels._half): from |x| = 2^16 on that overflows float32
-        if x2.shape[0] > _SMALL_HALF or not self.transposed or not np.abs(x2).max(initial=0.0) < 2.0 ** 16:
+        if x2.shape[0] > _SMALL_HALF or not self.transposed or x2.shape[0] == 0:
             out = self._blocked_matmul(x2)
         else:
             out = np.empty((x2.shape[0], self.h.shape[0]), np.float32)
-            K.half_matmul_rows(x2, bits, out, K.nb.get_num_threads())
+            K.half_matmul_rows(x2, bits, out)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _columns(self, j0: int, j1: int) -> np.ndarray:

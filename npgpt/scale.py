@@ -493,7 +493,8 @@ def plot(f: dict, prediction: dict, out) -> None:
         ax.fill_between(grid, np.percentile(band, 5, axis=0), np.percentile(band, 95, axis=0), color="C0", alpha=0.15)
     err = None
     if prediction["interval"]:
-        err = [[prediction["loss"] - prediction["interval"][0]], [prediction["interval"][1] - prediction["loss"]]]
+        lo, hi = prediction["interval"]  # a percentile interval need not hold the point estimate: clip
+        err = [[max(0.0, prediction["loss"] - lo)], [max(0.0, hi - prediction["loss"])]]
     ax.errorbar([prediction["flops"]], [prediction["loss"]], yerr=err, fmt="*", color="C3", ms=10, capsize=3,
                 label=f"prediction {prediction['loss']:.4f}")
     ax.set_xscale("log")

@@ -190,7 +190,7 @@ def test_a_quantized_banded_model_decodes_past_the_window(tmp_path, fmt):
     save_checkpoint(tmp_path / "fp32", m)
     quantize_model(tmp_path / "fp32", tmp_path / fmt, format=fmt)
     q = npgpt.load(tmp_path / fmt)
-    assert q.config.attn_pattern == "BD" and not q.fused_decode
+    assert q.config.attn_pattern == "BD" and q.fused_decode  # the fused kernels, a banded layer's ring
     x = np.random.default_rng(5).integers(0, 11, (1, 20))
     cache = KVCache(q.config, 1)
     parts = [q.forward(x[:, :4], kv=cache)] + [q.forward(x[:, t:t + 1], kv=cache) for t in range(4, 20)]

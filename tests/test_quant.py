@@ -140,7 +140,32 @@ def test_int8_checkpoints_of_the_earlier_layout_still_load(tmp_path):
     assert not new.params["h.0.mlp.c_fc.weight"].q.shape == old.params["h.0.mlp.c_fc.weight"].q.shape  # (out, in)
     x = np.random.default_rng(0).integers(0, m.config.vocab_size, (1, 12))
     np.testing.assert_allclose(old.forward(x), new.forward(x), rtol=1e-5, atol=1e-5)
+    assert new.fused_decode and not old.fused_decode  # (in, out) int8 keeps the layer-by-layer decode
     from npgpt.model import KVCache  # the decode kernels of both layouts
     ko, kn = KVCache(old.config, 1), KVCache(new.config, 1)
     old.forward(x[:, :11], kv=ko), new.forward(x[:, :11], kv=kn)
     np.testing.assert_allclose(old.forward(x[:, 11:], kv=ko), new.forward(x[:, 11:], kv=kn), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp16"])
+def test_quantized_decode_runs_fused_and_equals_the_layer_by_layer_decode(tmp_path, monkeypatch, fmt):
+    """Quantized weights stored (out, in) decode one token per row through kernels.decode_layer (a
+    block per call, the quantized products on the parallel kernels); the same steps layer by layer, with
+    left padding, give the same logits."""
+    from npgpt.model import GPT, KVCache
+    fp = convert_hf(FIX / "l2h4c32", tmp_path / "fp32")
+    quantize_model(fp, tmp_path / fmt, format=fmt)
+    m = npgpt.load(tmp_path / fmt)
+    assert m.fused_decode
+    idx = np.random.default_rng(1).integers(0, m.config.vocab_size, (3, 14))
+    pad = np.array([0, 2, 5])
+
+    def steps():
+        kv = KVCache(m.config, 3)
+        kv.pad = pad
+        out = [m.forward(idx[:, :9], kv=kv)]
+        return np.concatenate(out + [m.forward(idx[:, t:t + 1], kv=kv) for t in range(9, 14)], axis=1)
+    fused = steps()
+    monkeypatch.setattr(GPT, "fused_decode", property(lambda self: False))
+    for b in range(3):
+        np.testing.assert_allclose(fused[b, pad[b]:], steps()[b, pad[b]:], rtol=1e-5, atol=1e-5)
